@@ -1,0 +1,1 @@
+"""Flow matching: timestep sampling, the loss, samplers and classifier-free guidance."""

@@ -1,0 +1,1 @@
+"""Inference: guided sampling of a chunk with cached reference and conditions."""

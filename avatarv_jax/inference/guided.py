@@ -1,0 +1,80 @@
+"""Sampling one GEN chunk with multi-condition classifier-free guidance and both cache levels.
+
+Three predictions per step (DESIGN §3.4): ``uncond`` (no text, no reference, no audio),
+``text`` (text + reference, no audio) and ``full``. The reference is encoded once
+(``RefCache``); the unconditional pass reuses that cache with ``valid_frames = 0``, so GEN sees
+no REF key. Text and audio cross-attention keys/values are encoded once per chunk
+(``CondCache``) for each of the three condition sets and reused by every step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from avatarv_jax.diffusion.flow import sigma_to_timestep
+from avatarv_jax.diffusion.guidance import guided_velocity, num_guidance_passes
+from avatarv_jax.diffusion.samplers import sample
+from avatarv_jax.models.dit import CondCache, DiT, GenInputs, RefCache
+
+
+@struct.dataclass
+class GuidanceCaches:
+    full: CondCache
+    text: CondCache
+    uncond: CondCache
+    ref: RefCache | None
+    uncond_ref: RefCache | None
+
+
+def encode_guidance_caches(dit: DiT, text, audio=None, ref_cache: RefCache | None = None,
+                           *, num_frames: int) -> GuidanceCaches:
+    """The condition caches of the three guidance passes, for one chunk."""
+    b = text.shape[0]
+    no_audio = jnp.zeros((b,), jnp.float32)
+    full = dit.encode_conditions(text, audio, num_frames=num_frames)
+    text_only = dit.encode_conditions(text, audio, no_audio, num_frames=num_frames)
+    uncond = dit.encode_conditions(jnp.zeros_like(text), audio, no_audio, num_frames=num_frames)
+    uncond_ref = None
+    if ref_cache is not None:
+        uncond_ref = ref_cache.replace(valid_frames=jnp.zeros((b,), jnp.int32))
+    return GuidanceCaches(full, text_only, uncond, ref_cache, uncond_ref)
+
+
+def sample_chunk(dit: DiT, caches: GuidanceCaches, noise: dict, sigmas: jax.Array, *,
+                 text_scale: float, audio_scale: float, prefix: dict | None = None,
+                 cond_latents=None, method: str = "euler") -> dict:
+    """Denoise ``noise`` ({'video': [B,F,H,W,C], 'motion'?}) along ``sigmas`` to clean latents.
+
+    ``prefix`` ({'video': [B,P,...], 'motion'?}) holds clean frames carried over from the
+    previous chunk: they stay fixed, at timestep 0, in front of the noisy frames.
+    """
+    num_prefix = 0 if prefix is None else prefix["video"].shape[1]
+    passes = num_guidance_passes(text_scale, audio_scale)
+
+    def with_prefix(x):
+        if prefix is None:
+            return x
+        return {k: jnp.concatenate([prefix[k], v], axis=1) for k, v in x.items()}
+
+    def predict(x, timesteps, cond: CondCache, ref: RefCache | None):
+        gen = GenInputs(latents=x["video"], timesteps=timesteps, motion=x.get("motion"),
+                        cond_latents=cond_latents)
+        out = dit(gen, ref_cache=ref, cond_cache=cond)
+        return {k: v[:, num_prefix:] for k, v in out.items() if k in x}
+
+    def velocity(x, sigma):
+        full_x = with_prefix(x)
+        b, f = full_x["video"].shape[:2]
+        frame_sigma = jnp.where(jnp.arange(f) < num_prefix, 0.0, sigma)
+        timesteps = jnp.broadcast_to(sigma_to_timestep(frame_sigma), (b, f))
+        v_full = predict(full_x, timesteps, caches.full, caches.ref)
+        if passes == 1:
+            return v_full
+        v_text = predict(full_x, timesteps, caches.text, caches.ref)
+        v_uncond = predict(full_x, timesteps, caches.uncond, caches.uncond_ref)
+        return guided_velocity(v_uncond, v_text, v_full, text_scale=text_scale,
+                               audio_scale=audio_scale)
+
+    return sample(velocity, noise, sigmas, method=method)

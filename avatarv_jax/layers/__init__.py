@@ -1,0 +1,1 @@
+"""Building blocks shared by every model: dense layers, norms, RoPE, attention, embeddings."""

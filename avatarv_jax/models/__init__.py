@@ -1,0 +1,1 @@
+"""Model definitions: the DiT, its motion stream, the audio and text encoders."""

@@ -1,0 +1,1 @@
+"""Command-line tools that inspect models and configs."""
