@@ -26,7 +26,7 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ("conv_out", "tensor"),
 )
 
-MOTION_DIM = 12  # per-video-frame motion vector of AvatarWorld and of the landmark extractor
+MOTION_DIM = 10  # per-video-frame motion vector: AvatarWorld's (data.avatarworld.motion.MOTION_DIM)
 
 _DIT_PRESETS = {
     # Width, depth, heads and FFN of Wan 2.1 T2V 1.3B and 14B; the rest is Avatar V's.

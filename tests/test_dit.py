@@ -149,3 +149,9 @@ def test_rope_matches_complex_rotation():
     rz = z * np.exp(1j * angles)[None, :, None, :]
     want = np.stack([rz.real, rz.imag], axis=-1).reshape(x.shape)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_motion_dim_matches_avatarworld():
+    from avatarv_jax.config import MOTION_DIM
+    from avatarv_jax.data.avatarworld.motion import MOTION_DIM as WORLD_MOTION_DIM
+    assert MOTION_DIM == WORLD_MOTION_DIM

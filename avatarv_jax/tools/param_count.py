@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import sys
+import os
 
 from absl import app, flags
 from flax import nnx
@@ -87,19 +87,25 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "model config file", lock_config=False)
-_JSON = flags.DEFINE_string("json", None, "also write the counts to this JSON file")
+def _cli():
+    """Flags are defined here, not at import, so other CLIs can import this module."""
+    config = config_flags.DEFINE_config_file("config", None, "model config file",
+                                             lock_config=False)
+    json_path = flags.DEFINE_string("json", None, "also write the counts to this JSON file")
+    flags.mark_flag_as_required("config")
 
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        report = count_all(config.value)
+        print(format_report(report))
+        if json_path.value:
+            with open(json_path.value + ".tmp", "w") as f:
+                json.dump(report, f, indent=2)
+            os.replace(json_path.value + ".tmp", json_path.value)
 
-def main(argv):
-    del argv
-    report = count_all(_CONFIG.value)
-    print(format_report(report))
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
-            json.dump(report, f, indent=2)
+    app.run(main)
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("config")
-    app.run(main)
+    _cli()
