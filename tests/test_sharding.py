@@ -8,7 +8,11 @@ import textwrap
 import jax
 from flax import nnx
 
-from avatarv_jax.config import DEFAULT_LOGICAL_AXIS_RULES
+from avatarv_jax.config import DEFAULT_LOGICAL_AXIS_RULES, get_model_config
+from avatarv_jax.models import factory
+from avatarv_jax.models.audio_encoder import AudioEncoder
+from avatarv_jax.models.text_encoder import T5Encoder
+from avatarv_jax.models.vae import CausalVideoVAE
 from avatarv_jax.models.dit import DiT
 from avatarv_jax.parallel.sharding import logical_to_mesh_spec, unnamed_parameters
 from avatarv_jax.testing import tiny_dit_config
@@ -19,6 +23,12 @@ def test_every_parameter_has_logical_axes():
     cfg = tiny_dit_config(cond_channels=16)
     abstract = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
     assert unnamed_parameters(nnx.state(abstract, nnx.Param)) == []
+    model_cfg = get_model_config("tiny")
+    for name, build in [
+            ("text", lambda: T5Encoder(factory.text_encoder_config(model_cfg), nnx.Rngs(0))),
+            ("audio", lambda: AudioEncoder(factory.audio_encoder_config(model_cfg), nnx.Rngs(0))),
+            ("vae", lambda: CausalVideoVAE(factory.vae_config(model_cfg), rngs=nnx.Rngs(0)))]:
+        assert unnamed_parameters(nnx.state(nnx.eval_shape(build), nnx.Param)) == [], name
 
 
 def test_logical_to_mesh_spec_rules():
