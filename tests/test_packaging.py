@@ -39,3 +39,15 @@ def test_infer_rejects_bad_resolution():
     out = _run("infer.py", "--resolution", "30")
     assert out.returncode != 0
     assert "not a multiple of 16" in out.stderr
+
+
+def test_demo_runs_end_to_end():
+    from avatarv_jax.config import get_model_config
+    from avatarv_jax.inference.demo import run_demo
+
+    lines = []
+    result = run_demo(get_model_config("tiny"), steps=1, size=32, ref_frames=5, gen_frames=5,
+                      log=lines.append)
+    assert result["video_shape"] == (1, 5, 32, 32, 3)
+    assert result["latent_shape"] == (1, 2, 4, 4, 16)
+    assert any("RefCache" in line for line in lines)
