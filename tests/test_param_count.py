@@ -43,3 +43,10 @@ def test_wan_compatible_part_equals_diffusers(name):
         wan = diffusers.WanTransformer3DModel(**WAN_DIMS[name])
     expected = sum(p.numel() for p in wan.parameters())
     assert count_all(get_model_config(name))["dit"]["wan_compatible"] == expected
+
+
+def test_module_table_sums_to_the_dit_total():
+    report = count_all(get_model_config("tiny"))
+    assert sum(report["dit_modules"].values()) == report["dit_total"]
+    assert {"blocks.attn1", "blocks.attn2", "blocks.attn_audio", "blocks.scale_shift_table",
+            "patch_embedding", "motion_encoder"} <= set(report["dit_modules"])

@@ -49,6 +49,17 @@ def dit_breakdown(dit_cfg) -> dict[str, int]:
     return counts
 
 
+def dit_modules(dit_cfg) -> dict[str, int]:
+    """Counts per DiT module: top-level modules, and each block submodule over all layers."""
+    abstract = nnx.eval_shape(lambda: DiT(dit_cfg, rngs=nnx.Rngs(0)))
+    counts: dict[str, int] = {}
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        names = [str(p) for p in path]
+        key = ".".join(names[:2]) if names[0] == "blocks" else names[0]
+        counts[key] = counts.get(key, 0) + _size(var)
+    return counts
+
+
 def module_count(build) -> int:
     abstract = nnx.eval_shape(build)
     return sum(_size(v) for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
@@ -61,6 +72,7 @@ def count_all(cfg) -> dict:
         "config": cfg.name,
         "dit": dit,
         "dit_total": sum(dit.values()),
+        "dit_modules": dit_modules(factory.dit_config(cfg)),
         "text_encoder": module_count(
             lambda: T5Encoder(factory.text_encoder_config(cfg), nnx.Rngs(0))),
         "audio_encoder": module_count(
@@ -82,6 +94,9 @@ def format_report(report: dict) -> str:
     if "wan_nominal" in report:
         lines.append(f"    Wan-compatible vs nominal {report['wan_nominal'] / 1e9:g}B: "
                      f"{100 * report['wan_relative_difference']:+.1f}%")
+    lines.append("  DiT modules (blocks.* summed over layers)")
+    for name, n in report["dit_modules"].items():
+        lines.append(f"    {name:<32}{n:>16,}")
     for name in ("text_encoder", "audio_encoder", "vae"):
         lines.append(f"  {name:<34}{report[name]:>16,}")
     return "\n".join(lines)
