@@ -14,12 +14,14 @@ def probe():
 
 
 # The targets are mouth-opening R^2 >= 0.95 and static attributes >= 98 %. The shipped
-# probe does not reach them yet (docs/avatarworld.md, "Probe"): it does not read the nose at all,
-# and reaches R^2 ~0.92 on speech clips. These floors sit a little under what it measures on
-# this small set, so a regression fails; raise them to the targets once a probe meets them.
-MOUTH_R2_FLOOR = 0.88
-ATTRIBUTE_FLOOR = 0.90            # mean over all 14 attributes, nose included
-ATTRIBUTE_FLOOR_WITHOUT_NOSE = 0.95
+# probe meets both on the documented 24-clip held-out table (docs/avatarworld.md, "Probe":
+# R^2 0.963, 98.0 %) but not on this smaller set (6 clips: R^2 0.950, 97.1 %; 384 posed frames:
+# R^2 0.975, 96.8 %), so these floors sit a little under what it measures here and a regression
+# fails; raise them to the targets once a probe meets them on this set too.
+MOUTH_R2_FLOOR = 0.94
+ATTRIBUTE_FLOOR = 0.96            # mean over all 14 attributes, nose included
+ATTRIBUTE_FLOOR_WITHOUT_NOSE = 0.97
+NOSE_FLOOR = 0.75                 # the nose was read at chance (~31 %) before it was redrawn
 
 
 def _mean_without_nose(report):
@@ -34,11 +36,13 @@ def test_shipped_probe_accuracy_on_heldout_people_and_scenes(probe):
     assert clips["motion_r2"]["mouth_open"] >= MOUTH_R2_FLOOR, clips["motion_r2"]
     assert clips["mean_attribute_accuracy"] >= ATTRIBUTE_FLOOR, clips["attribute_accuracy"]
     assert _mean_without_nose(clips) >= ATTRIBUTE_FLOOR_WITHOUT_NOSE
+    assert clips["attribute_accuracy"]["nose"] >= NOSE_FLOOR
     posed = pt.evaluate_posed(probe, num_frames=384, seed=78)
     assert posed["motion_r2"]["mouth_open"] >= MOUTH_R2_FLOOR
     assert posed["motion_r2"]["head_yaw"] >= 0.9 and posed["motion_r2"]["head_pitch"] >= 0.85
     assert posed["mean_attribute_accuracy"] >= ATTRIBUTE_FLOOR, posed["attribute_accuracy"]
     assert _mean_without_nose(posed) >= ATTRIBUTE_FLOOR_WITHOUT_NOSE
+    assert posed["attribute_accuracy"]["nose"] >= NOSE_FLOOR
     for name in ("teeth", "mark"):  # the attributes that only some frames show
         assert posed["attribute_frames"][name] > 30
         assert posed["attribute_accuracy"][name] >= 0.85, name

@@ -175,6 +175,58 @@ def test_teeth_need_an_open_mouth_and_the_mark_a_turned_head():
     assert not same(no_mark, mole, head_yaw=mo.MARK_VISIBLE_YAW)
 
 
+def _changed_pixels(a, b, level=24):
+    """Pixels where two uint8 frames differ by more than ``level`` in some channel."""
+    return int((np.abs(a.astype(int) - b.astype(int)).max(-1) > level).sum())
+
+
+@pytest.mark.parametrize("identity_id", [0, 1, 4])
+def test_every_static_attribute_is_visible_at_the_probes_resolution(identity_id):
+    """Each pair of classes of every attribute changes clearly many pixels of a 64 px frame
+    (where the attribute can be seen: mouth open for the teeth, head turned for the mark)."""
+    person, place = idn.sample_identity(identity_id), scn.sample_scene(identity_id)
+    m = np.zeros((1, mo.MOTION_DIM), np.float32)
+    m[0, mo.MOTION_FIELDS.index("mouth_open")] = 0.8
+    m[0, mo.MOTION_FIELDS.index("head_yaw")] = 0.8
+    for a, name in enumerate(idn.ATTRIBUTE_NAMES):
+        frames = []
+        for k in range(idn.NUM_CLASSES[a]):
+            attrs = person.attributes.copy()
+            attrs[a] = k
+            frames.append(rnd.render(dataclasses.replace(person, attributes=attrs), place, m,
+                                     64).frames[0])
+        for i in range(len(frames)):
+            for j in range(i + 1, len(frames)):
+                assert _changed_pixels(frames[i], frames[j]) >= 5, (name, i, j)
+
+
+@pytest.mark.parametrize("identity_id", [0, 1, 3, 4, 5])
+def test_nose_variants_differ_clearly_in_a_frontal_64px_frame(identity_id):
+    """button / wide / long: at least 9 clearly changed pixels between any two, on any skin."""
+    person, place = idn.sample_identity(identity_id), scn.sample_scene(identity_id)
+    a = idn.ATTRIBUTE_NAMES.index("nose")
+    m = np.zeros((1, mo.MOTION_DIM), np.float32)
+    frames = []
+    for k in range(3):
+        attrs = person.attributes.copy()
+        attrs[a] = k
+        frames.append(rnd.render(dataclasses.replace(person, attributes=attrs), place, m,
+                                 64).frames[0])
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        assert _changed_pixels(frames[i], frames[j]) >= 9, (i, j)
+
+
+def test_open_mouth_changes_many_pixels_at_64px():
+    """Opening the mouth fully changes the mouth region by several pixel rows at 64 px."""
+    person, place = idn.sample_identity(2), scn.sample_scene(2)
+    m = np.zeros((2, mo.MOTION_DIM), np.float32)
+    m[1, mo.MOTION_FIELDS.index("mouth_open")] = 1.0
+    r = rnd.render(person, place, m, 64)
+    assert _changed_pixels(r.frames[0], r.frames[1]) >= 70
+    rows = lambda mask: np.nonzero(mask.any(1))[0]
+    assert len(rows(r.masks["mouth"][1])) >= len(rows(r.masks["mouth"][0])) + 7
+
+
 def test_motion_follows_the_style():
     audio = make_clip(0, 1, 1, duration_s=8.0, resolution=64).audio
     low = np.zeros(idn.DYNAMIC_STYLE_DIM, np.float32)

@@ -34,8 +34,6 @@ from avatarv_jax.data.avatarworld import render as rnd
 from avatarv_jax.data.avatarworld import scene as scn
 from avatarv_jax.data.avatarworld.clip import make_clip
 
-MOTION_WEIGHTS = np.ones(mo.MOTION_DIM, np.float32)
-MOTION_WEIGHTS[mo.MOTION_FIELDS.index("mouth_open")] = 4.0
 MOTION_LOSS_WEIGHT = 3.0
 
 
@@ -91,10 +89,19 @@ def _visibility_weights(motion: jax.Array) -> jax.Array:
     return w
 
 
-def loss_fn(model: pb.ProbeNet, frames, motion, attrs):
+def motion_weights(mouth_weight: float = 4.0) -> np.ndarray:
+    w = np.ones(mo.MOTION_DIM, np.float32)
+    w[mo.MOTION_FIELDS.index("mouth_open")] = mouth_weight
+    return w
+
+
+MOTION_WEIGHTS = motion_weights()
+
+
+def loss_fn(model: pb.ProbeNet, frames, motion, attrs, weights_motion=MOTION_WEIGHTS):
     unit, logits = model(pb.preprocess(frames))
     target = (motion - mo.MOTION_LOW) / (mo.MOTION_HIGH - mo.MOTION_LOW)
-    motion_loss = jnp.mean((unit - target) ** 2 * MOTION_WEIGHTS)
+    motion_loss = jnp.mean((unit - target) ** 2 * weights_motion)
     weights = _visibility_weights(motion)
     ce = []
     for i, lg in enumerate(pb.split_logits(logits)):
@@ -105,8 +112,8 @@ def loss_fn(model: pb.ProbeNet, frames, motion, attrs):
 
 
 def train_probe(steps: int = 5000, batch: int = 64, pool: int = 48000, seed: int = 0,
-                lr: float = 3e-3, log=print, init: pb.ProbeNet | None = None
-                ) -> tuple[pb.ProbeNet, dict[str, Any]]:
+                lr: float = 3e-3, log=print, init: pb.ProbeNet | None = None,
+                mouth_weight: float = 4.0) -> tuple[pb.ProbeNet, dict[str, Any]]:
     """Train from scratch (or continue from ``init``); returns the network and a record."""
     rng = np.random.default_rng(seed)
     t0 = time.time()
@@ -114,12 +121,13 @@ def train_probe(steps: int = 5000, batch: int = 64, pool: int = 48000, seed: int
     render_s = time.time() - t0
     log(f"rendered {pool} training frames in {render_s:.0f} s")
     model = init if init is not None else pb.make_probe_net(seed=seed)
+    weights = jnp.asarray(motion_weights(mouth_weight))
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(200, steps // 10), steps, lr * 0.02)
     opt = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=1e-4), wrt=nnx.Param)
 
     @nnx.jit
     def step(model, opt, f, m, a):
-        (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, f, m, a)
+        (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, f, m, a, weights)
         opt.update(model, grads)
         return loss, aux
 
@@ -136,6 +144,7 @@ def train_probe(steps: int = 5000, batch: int = 64, pool: int = 48000, seed: int
             log(f"step {i:5d}  loss {float(loss):.4f}  motion {float(ml):.5f}  "
                 f"attributes {float(al):.4f}  ({time.time() - t1:.0f} s)")
     record = {"steps": steps, "batch": batch, "pool": pool, "seed": seed, "lr": lr,
+              "mouth_weight": mouth_weight,
               "render_seconds": round(render_s, 1), "train_seconds": round(time.time() - t1, 1)}
     return model, record
 
@@ -220,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", type=int, default=48000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--mouth-weight", type=float, default=4.0,
+                        help="loss weight of mouth_open against 1 for the other motion fields")
     parser.add_argument("--init", default=None, help="continue training from these weights")
     parser.add_argument("--out", default=pb.ASSET_PATH)
     parser.add_argument("--eval-clips", type=int, default=24)
@@ -232,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         init = pb.load_probe(args.init).model if args.init else None
         model, record = train_probe(args.steps, args.batch, args.pool, args.seed, args.lr,
-                                    init=init)
+                                    init=init, mouth_weight=args.mouth_weight)
         if args.init:
             record = {"continued_from": pb.load_probe(args.init).meta, **record}
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

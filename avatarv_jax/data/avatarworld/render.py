@@ -312,32 +312,35 @@ def _draw_head(img, h: _Head, attr, skin, hair, lx, ly, texture_seed) -> dict[st
         _over(img, h.ell(mu, mv, 0.40 * mcu, 0.18 * mcv) * mark_on, C(0.05, 0.35, 0.45))
         _over(img, h.ell(mu, mv, 0.18 * mcu, 0.08 * mcv) * mark_on, C(0.55, 0.9, 0.95))
 
-    # Nose.
+    # Nose: three shapes that differ in outline and shading enough to read at 64 px (a round
+    # tip with a highlight, a broad dark bar, a long bridge from between the eyes), all above
+    # the top of the lips even with the mouth wide open.
     nu, ncu = h.lon(0.0)
-    nv, _ = h.lat(0.14)
+    nv, _ = h.lat(0.12)
     nose = attr["nose"]
-    dark = skin_px * 0.68
-    if nose == 0:  # a small round tip
-        _over(img, h.ell(nu, nv + 0.05, 0.09 * ncu, 0.08), dark)
-        spread, size = 0.04, 0.03
-    elif nose == 1:  # broad, with wide-set nostrils
-        _over(img, h.ell(nu, nv + 0.06, 0.27 * ncu, 0.09), dark)
-        spread, size = 0.16, 0.045
-    else:  # a long bridge down from the eyes
-        _over(img, h.ell(nu, nv - 0.1, 0.07 * ncu, 0.27), dark)
-        _over(img, h.ell(nu, nv + 0.13, 0.1 * ncu, 0.06), dark)
-        spread, size = 0.05, 0.03
+    dark = skin_px * 0.5
+    if nose == 0:  # button: a small round tip with a bright highlight
+        _over(img, h.ell(nu, nv + 0.06, 0.13 * ncu, 0.11), dark)
+        _over(img, h.ell(nu, nv + 0.03, 0.06 * ncu, 0.05), skin_px * 0.45 + 0.55)
+        spread, size = 0.04, 0.025
+    elif nose == 1:  # wide: a broad dark bar with wide-set nostrils
+        _over(img, h.ell(nu, nv + 0.08, 0.34 * ncu, 0.075), dark)
+        spread, size = 0.2, 0.05
+    else:  # long: a bridge down from between the eyes to a narrow tip
+        _over(img, h.ell(nu, nv - 0.12, 0.06 * ncu, 0.30), dark)
+        _over(img, h.ell(nu, nv + 0.14, 0.09 * ncu, 0.06), dark)
+        spread, size = 0.05, 0.025
     for side in (-1.0, 1.0):
-        _over(img, h.ell(nu + side * spread * ncu, nv + 0.11, size * ncu, 0.025), skin * 0.3)
+        _over(img, h.ell(nu + side * spread * ncu, nv + 0.13, size * ncu, 0.025), skin * 0.25)
 
     # Mouth: lips, the opening and the teeth pattern (only seen when open).
     mu0, mcu0 = h.lon(0.0)
-    mv0, _ = h.lat(0.45)
     opening, rounding, smile = mo["mouth_open"], mo["lip_round"], mo["smile"]
+    mv0 = h.lat(0.45)[0] + 0.05 * opening  # the jaw drops as the mouth opens
     hw = MOUTH_HALF_WIDTH[attr["mouth_width"]] * mcu0 * (1 - 0.3 * rounding) * (1 + 0.15 * smile)
     du = u - mu0
     dv = v - mv0 + 0.12 * smile * (du / hw) ** 2
-    oh = 0.015 + 0.2 * opening
+    oh = 0.015 + 0.26 * opening
     lips = _ellipse(du, dv, 0, 0, hw, 0.065 + oh, pu, pv)
     _over(img, lips, LIPS[attr["lip_color"]] * shade[..., None])
     inner = _ellipse(du, dv, 0, 0, 0.82 * hw, oh, pu, pv)
