@@ -77,6 +77,23 @@ def resolve_weight_files(path: str | Path) -> tuple[dict[str, Path] | None, list
                                      f".safetensors.index.json index or a directory")
 
 
+def locate_checkpoint(path: str | Path, subfolder: str | None = None
+                      ) -> tuple[Path, Path | None]:
+    """(weights path, its config.json or None).
+
+    A pipeline root (a folder without config.json that has ``subfolder``, e.g. ``vae`` or
+    ``transformer``) resolves to that subfolder; a file's config.json is looked for beside it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if subfolder and (path / subfolder).is_dir() and not (path / "config.json").is_file():
+            path = path / subfolder
+        config = path / "config.json"
+    else:
+        config = path.parent / "config.json"
+    return path, (config if config.is_file() else None)
+
+
 def _read_index(index: Path) -> tuple[dict[str, Path], list[Path]]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from avatarv_jax.io.import_report import ImportReport, check_names_and_shapes
-from avatarv_jax.io.safetensors_io import SafetensorsCheckpoint
+from avatarv_jax.io.safetensors_io import SafetensorsCheckpoint, locate_checkpoint
 from avatarv_jax.models.text_encoder import T5Encoder, TextEncoderConfig, hf_umt5_names
 from avatarv_jax.models.tokenizer import SentencePieceTokenizer
 
@@ -109,16 +109,6 @@ def expected_shapes(cfg: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _locate(path: Path) -> tuple[Path, Path | None]:
-    """(weights path, config.json or None); a pipeline root resolves to ``text_encoder/``."""
-    if path.is_dir():
-        if (path / "text_encoder").is_dir() and not (path / "config.json").is_file():
-            path = path / "text_encoder"
-        config = path / "config.json"
-    else:
-        config = path.parent / "config.json"
-    return path, (config if config.is_file() else None)
-
 
 def import_umt5(path: str | Path, cfg: TextEncoderConfig | None = None, *,
                 dtype=None) -> tuple[T5Encoder, ImportReport]:
@@ -132,7 +122,7 @@ def import_umt5(path: str | Path, cfg: TextEncoderConfig | None = None, *,
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no umT5 checkpoint at {path}")
-    path, config_file = _locate(path)
+    path, config_file = locate_checkpoint(path, "text_encoder")
     notes = []
     if config_file is not None:
         file_cfg = config_from_transformers(json.loads(config_file.read_text()))

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from avatarv_jax.io.import_report import ImportReport, check_names_and_shapes
-from avatarv_jax.io.safetensors_io import SafetensorsCheckpoint
+from avatarv_jax.io.safetensors_io import SafetensorsCheckpoint, locate_checkpoint
 from avatarv_jax.models.dit import DiT, DiTConfig
 
 Path_ = tuple
@@ -162,16 +162,6 @@ def _fresh_values(cfg: DiTConfig, paths: list[Path_], seed: int) -> dict[Path_, 
     return dict(zip(order, init()))
 
 
-def _locate(path: Path) -> tuple[Path, Path | None]:
-    """(weights path, config.json or None); a pipeline root resolves to ``transformer/``."""
-    if path.is_dir():
-        if (path / "transformer").is_dir() and not (path / "config.json").is_file():
-            path = path / "transformer"
-        config = path / "config.json"
-    else:
-        config = path.parent / "config.json"
-    return path, (config if config.is_file() else None)
-
 
 def import_wan_dit(path: str | Path, dit_cfg: DiTConfig, *,
                    seed: int = 0) -> tuple[DiT, ImportReport]:
@@ -185,7 +175,7 @@ def import_wan_dit(path: str | Path, dit_cfg: DiTConfig, *,
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no Wan transformer checkpoint at {path}")
-    path, config_file = _locate(path)
+    path, config_file = locate_checkpoint(path, "transformer")
     cfg = dit_cfg
     notes = []
     if config_file is not None:

@@ -25,7 +25,8 @@ import numpy as np
 from flax import nnx
 
 from avatarv_jax.io.import_report import ImportReport, check_names_and_shapes
-from avatarv_jax.io.safetensors_io import SafetensorsCheckpoint, UnsupportedCheckpointError
+from avatarv_jax.io.safetensors_io import (SafetensorsCheckpoint, UnsupportedCheckpointError,
+                                           locate_checkpoint)
 from avatarv_jax.models.vae import CausalVideoVAE, VAEConfig
 
 WAN_PTH_HINT = ("The original Wan2.1_VAE.pth is a pickle; use the diffusers release instead "
@@ -120,16 +121,6 @@ def expected_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
     return {diffusers_name(p): _torch_shape(p, tuple(v.shape)) for p, v in _abstract_params(cfg)[1]}
 
 
-def _locate(path: Path) -> tuple[Path, Path | None]:
-    """(weights path, config.json or None); a pipeline root resolves to its ``vae/`` folder."""
-    if path.is_dir():
-        if (path / "vae").is_dir() and not (path / "config.json").is_file():
-            path = path / "vae"
-        config = path / "config.json"
-    else:
-        config = path.parent / "config.json"
-    return path, (config if config.is_file() else None)
-
 
 def import_wan_vae(path_or_dir: str | Path, cfg: VAEConfig | None = None, *,
                    dtype=None) -> tuple[CausalVideoVAE, ImportReport]:
@@ -143,7 +134,7 @@ def import_wan_vae(path_or_dir: str | Path, cfg: VAEConfig | None = None, *,
     path = Path(path_or_dir)
     if not path.exists():
         raise FileNotFoundError(f"no Wan VAE checkpoint at {path}")
-    path, config_file = _locate(path)
+    path, config_file = locate_checkpoint(path, "vae")
     notes = []
     if config_file is not None:
         file_cfg = config_from_diffusers(json.loads(config_file.read_text()),

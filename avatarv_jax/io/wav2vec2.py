@@ -46,7 +46,7 @@ import numpy as np
 from flax import nnx
 
 from avatarv_jax.io.import_report import ImportReport, check_names_and_shapes
-from avatarv_jax.io.safetensors_io import SafetensorsCheckpoint
+from avatarv_jax.io.safetensors_io import SafetensorsCheckpoint, locate_checkpoint
 from avatarv_jax.models.wav2vec2 import Wav2Vec2Config, Wav2Vec2Encoder
 
 Path_ = tuple
@@ -182,10 +182,6 @@ def expected_shapes(cfg: Wav2Vec2Config,
     return out
 
 
-def _locate(path: Path) -> tuple[Path, Path | None]:
-    config = (path if path.is_dir() else path.parent) / "config.json"
-    return path, (config if config.is_file() else None)
-
 
 def _resolve_config(cfg: Wav2Vec2Config | None, config_file: Path | None,
                     dtype) -> tuple[Wav2Vec2Config, list[str]]:
@@ -222,7 +218,7 @@ def import_wav2vec2(path: str | Path, cfg: Wav2Vec2Config | None = None, *,
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no wav2vec2 checkpoint at {path}")
-    path, config_file = _locate(path)
+    path, config_file = locate_checkpoint(path)
     cfg, notes = _resolve_config(cfg, config_file, dtype)
 
     ckpt = SafetensorsCheckpoint(path)
