@@ -15,24 +15,27 @@ file, e.g. the umT5 tokenizer used with Wan 2.1's text encoder.
 
 from __future__ import annotations
 
+import abc
 import os
 from typing import Sequence
 
 import numpy as np
 
 
-class _TokenizerBase:
+class _TokenizerBase(abc.ABC):
     """Shared batching, EOS and padding logic; subclasses only map one text to ids."""
 
     pad_id: int
     eos_id: int
     vocab_size: int
 
+    @abc.abstractmethod
     def _text_to_ids(self, texts: list[str]) -> list[list[int]]:
-        raise NotImplementedError
+        """Ids of each text, without EOS or padding."""
 
+    @abc.abstractmethod
     def _ids_to_text(self, ids: list[int]) -> str:
-        raise NotImplementedError
+        """Text of ids that hold no EOS or padding."""
 
     def encode(self, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
         """Token ids ``int32 [B, max_length]`` and validity mask ``bool [B, max_length]``."""
