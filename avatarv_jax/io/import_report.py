@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 Shape = tuple[int, ...]
 
@@ -68,3 +69,15 @@ def check_names_and_shapes(expected: Mapping[str, Shape], found: Mapping[str, Sh
     if hint:
         lines.append(hint)
     raise CheckpointMismatchError("\n".join(lines), missing, unexpected, mismatched)
+
+
+def check_config_agrees(cfg, file_values: Mapping[str, Any], config_file, importer: str) -> None:
+    """One error listing every field where ``cfg`` differs from the checkpoint's config.json.
+
+    ``file_values`` maps config field names to the values read from ``config_file``.
+    """
+    diffs = [f"{k}: given {getattr(cfg, k)!r}, {config_file} has {v!r}"
+             for k, v in file_values.items() if getattr(cfg, k) != v]
+    if diffs:
+        raise ValueError(f"the config passed to {importer} disagrees with the checkpoint's "
+                         "config.json:\n  " + "\n  ".join(diffs))

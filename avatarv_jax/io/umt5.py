@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from avatarv_jax.io.import_report import ImportReport, check_names_and_shapes
+from avatarv_jax.io.import_report import (ImportReport, check_config_agrees,
+                                          check_names_and_shapes)
 from avatarv_jax.io.safetensors_io import SafetensorsCheckpoint, locate_checkpoint
 from avatarv_jax.models.text_encoder import T5Encoder, TextEncoderConfig, hf_umt5_names
 from avatarv_jax.models.tokenizer import SentencePieceTokenizer
@@ -131,12 +132,9 @@ def import_umt5(path: str | Path, cfg: TextEncoderConfig | None = None, *,
             notes.append(f"config read from {config_file}")
         else:
             ignore = ("dtype", "remat")  # run-time choices, not sizes
-            diffs = [f"{f.name}: given {getattr(cfg, f.name)!r}, {config_file} has "
-                     f"{getattr(file_cfg, f.name)!r}" for f in dataclasses.fields(cfg)
-                     if f.name not in ignore and getattr(cfg, f.name) != getattr(file_cfg, f.name)]
-            if diffs:
-                raise ValueError("the config passed to import_umt5 disagrees with the "
-                                 "checkpoint's config.json:\n  " + "\n  ".join(diffs))
+            check_config_agrees(cfg, {f.name: getattr(file_cfg, f.name)
+                                      for f in dataclasses.fields(cfg) if f.name not in ignore},
+                                config_file, "import_umt5")
             notes.append(f"config checked against {config_file}")
     elif cfg is None:
         raise ValueError(f"no config.json next to {path}: pass cfg "

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from avatarv_jax.io.import_report import ImportReport, check_names_and_shapes
+from avatarv_jax.io.import_report import (ImportReport, check_config_agrees,
+                                          check_names_and_shapes)
 from avatarv_jax.io.safetensors_io import SafetensorsCheckpoint, locate_checkpoint
 from avatarv_jax.models.dit import DiT, DiTConfig
 
@@ -180,11 +181,7 @@ def import_wan_dit(path: str | Path, dit_cfg: DiTConfig, *,
     notes = []
     if config_file is not None:
         wan = config_from_diffusers(json.loads(config_file.read_text()))
-        diffs = [f"{k}: given {getattr(cfg, k)!r}, {config_file} has {v!r}"
-                 for k, v in wan.items() if getattr(cfg, k) != v]
-        if diffs:
-            raise ValueError("the DiTConfig passed to import_wan_dit disagrees with the "
-                             "checkpoint's config.json:\n  " + "\n  ".join(diffs))
+        check_config_agrees(cfg, wan, config_file, "import_wan_dit")
         notes.append(f"config checked against {config_file}")
 
     ckpt = SafetensorsCheckpoint(path)

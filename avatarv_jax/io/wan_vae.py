@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from avatarv_jax.io.import_report import ImportReport, check_names_and_shapes
+from avatarv_jax.io.import_report import (ImportReport, check_config_agrees,
+                                          check_names_and_shapes)
 from avatarv_jax.io.safetensors_io import (SafetensorsCheckpoint, UnsupportedCheckpointError,
                                            locate_checkpoint)
 from avatarv_jax.models.vae import CausalVideoVAE, VAEConfig
@@ -143,12 +144,9 @@ def import_wan_vae(path_or_dir: str | Path, cfg: VAEConfig | None = None, *,
             cfg = file_cfg
             notes.append(f"config read from {config_file}")
         else:
-            diffs = [f"{f.name}: given {getattr(cfg, f.name)!r}, {config_file} has "
-                     f"{getattr(file_cfg, f.name)!r}" for f in dataclasses.fields(cfg)
-                     if getattr(cfg, f.name) != getattr(file_cfg, f.name)]
-            if diffs:
-                raise ValueError("the config passed to import_wan_vae disagrees with the "
-                                 "checkpoint's config.json:\n  " + "\n  ".join(diffs))
+            check_config_agrees(cfg, {f.name: getattr(file_cfg, f.name)
+                                      for f in dataclasses.fields(cfg)},
+                                config_file, "import_wan_vae")
     elif cfg is None:
         raise ValueError(f"no config.json next to {path}: pass cfg (e.g. VAEConfig.wan21())")
     if dtype is not None:

@@ -45,7 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from avatarv_jax.io.import_report import ImportReport, check_names_and_shapes
+from avatarv_jax.io.import_report import (ImportReport, check_config_agrees,
+                                          check_names_and_shapes)
 from avatarv_jax.io.safetensors_io import SafetensorsCheckpoint, locate_checkpoint
 from avatarv_jax.models.wav2vec2 import Wav2Vec2Config, Wav2Vec2Encoder
 
@@ -195,11 +196,7 @@ def _resolve_config(cfg: Wav2Vec2Config | None, config_file: Path | None,
         if cfg is None:
             cfg = Wav2Vec2Config(**hf)
         else:
-            diffs = [f"{k}: given {getattr(cfg, k)!r}, {config_file} has {v!r}"
-                     for k, v in hf.items() if getattr(cfg, k) != v]
-            if diffs:
-                raise ValueError("the Wav2Vec2Config passed to import_wav2vec2 disagrees with "
-                                 "the checkpoint's config.json:\n  " + "\n  ".join(diffs))
+            check_config_agrees(cfg, hf, config_file, "import_wav2vec2")
         notes.append(f"config from {config_file}")
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype)
