@@ -86,4 +86,10 @@ def get_model_config(name: str, variant: str = "") -> ml_collections.ConfigDict:
     cfg.sampling = ml_collections.ConfigDict(dict(
         num_steps=4 if name == "tiny" else 40, method="euler", shift=0.0,
         text_scale=5.0, audio_scale=4.0))
+    # Chunked long-video inference (fields documented in avatarv_jax/inference/settings.py).
+    cfg.inference = ml_collections.ConfigDict(dict(
+        chunk_latents=6, prefix_latents=1, anchor_latents=1, ref_frames=17, min_ref_frames=5,
+        audio_context_frames=50, max_text_length=256,
+        resolution=(64, 64) if name == "tiny" else (480, 832), sr_scale=2, sr_steps=1,
+        default_prompt="a person talking to the camera"))
     return cfg

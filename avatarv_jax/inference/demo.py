@@ -1,4 +1,7 @@
-"""The bundled demo until the full inference pipeline lands: the tiny model end to end.
+"""A walk-through of one chunk's data flow on the tiny model, printing each stage's shape and time.
+
+The full pipeline (chunks, streaming decode, mp4) is ``inference/pipeline.py`` behind
+``infer.py``; this stays as a short, readable tour of the pieces.
 
 Builds every model of a config (text encoder, audio encoder, VAE, DiT) with fresh weights,
 renders an AvatarWorld reference clip (frames, motion vectors, the person's own speech) and a
@@ -11,7 +14,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import jax
 import jax.numpy as jnp
 
