@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -27,13 +26,7 @@ from avatarv_jax.data.avatarworld import scene as scn
 from avatarv_jax.data.avatarworld import speech
 from avatarv_jax.data.avatarworld.cli import main as cli_main
 from avatarv_jax.data.avatarworld.shards import AvatarWorldDataset
-
-
-def device_info() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__, "load_average_1min": os.getloadavg()[0],
-            "espeak_ng": speech.espeak_available()}
+from avatarv_jax.tools.bench_io import host_info, write_json
 
 
 def bench_render(resolution: int, frames: int, people: int = 4) -> dict:
@@ -82,17 +75,12 @@ def main(argv=None) -> int:
                                                       "avatarworld_speed.json"))
     args = parser.parse_args(argv)
     n = 32 if args.quick else 128
-    result = {"device": device_info(),
+    result = {"device": host_info(espeak_ng=speech.espeak_available()),
               "render": [bench_render(r, n if r <= 256 else n // 4) for r in (64, 128, 256, 512)],
               "write": [bench_write(128, 4 if args.quick else 16, 49),
                         bench_write(256, 2 if args.quick else 8, 49)]}
-    text = json.dumps(result, indent=1)
-    print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".partial"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, args.out)
+    print(json.dumps(result, indent=1))
+    write_json(result, args.out)
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,20 +27,7 @@ from avatarv_jax.data import identity_graph as ig
 from avatarv_jax.data import latents as lt
 from avatarv_jax.data.avatarworld import ShardWriter, make_clip
 from avatarv_jax.data.pipelines import default_data_config, make_pipeline
-
-
-def device_info() -> dict:
-    model = ""
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    return {"device": f"CPU: {model or platform.processor()}", "cpu_count": os.cpu_count(),
-            "platform": platform.platform(), "python": platform.python_version(),
-            "numpy": np.__version__, "faiss": ig.faiss_available(),
-            "load_average_1min": os.getloadavg()[0]}
+from avatarv_jax.tools.bench_io import host_info, write_json
 
 
 def write_world(directory: str, people: int, clips_per_person: int, frames: int,
@@ -106,7 +92,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.batches, args.graph_clips, args.people = 4, "1000", 4
-    result = {"device": device_info(), "settings": vars(args).copy()}
+    result = {"device": host_info(faiss=ig.faiss_available()), "settings": vars(args).copy()}
     with tempfile.TemporaryDirectory() as tmp:
         world, latents = os.path.join(tmp, "aw"), os.path.join(tmp, "lat")
         write_world(world, args.people, args.clips_per_person, args.clip_frames, args.resolution)
@@ -138,11 +124,7 @@ def main(argv=None) -> int:
             run = graph_build(n, index)
             print(json.dumps(run), flush=True)
             result["graph_build"].append(run)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp_out = args.out + ".partial"
-    with open(tmp_out, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp_out, args.out)
+    write_json(result, args.out)
     print(f"saved {args.out}")
     return 0
 

@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 
-import numpy as np
 
 from avatarv_jax.data.avatarworld import speech
 from avatarv_jax.data.ingest import (
@@ -34,17 +32,14 @@ from avatarv_jax.data.ingest import (
 from avatarv_jax.data.ingest import sample_footage as sf
 from avatarv_jax.data.ingest.config import IngestConfig
 from avatarv_jax.data.ingest.plain import ingest_plain
+from avatarv_jax.tools.bench_io import host_info, write_json
 
 SOURCE_SIZE = 360
 
 
 def device_info() -> dict:
     import dlib
-    return {"device": "cpu", "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__, "dlib": dlib.__version__,
-            "load_average_1min": os.getloadavg()[0], "espeak_ng": speech.espeak_available()}
+    return host_info(dlib=dlib.__version__, espeak_ng=speech.espeak_available())
 
 
 def make_sources(directory: str, count: int, seconds: float) -> int:
@@ -125,13 +120,8 @@ def main(argv=None) -> int:
               "footage": {"sources": count, "seconds_each": seconds, "source_frames": source_frames,
                           "source_size": [SOURCE_SIZE, SOURCE_SIZE], "codec": "h264+aac"},
               "runs": runs, "stages": stages, "record_version": records.RECORD_VERSION}
-    text = json.dumps(result, indent=1)
-    print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".partial"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, args.out)
+    print(json.dumps(result, indent=1))
+    write_json(result, args.out)
     return 0
 
 

@@ -10,9 +10,7 @@ frames and 5 GEN latent frames of 8x8 latents (64x64 pixels), batch 1, motion an
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 
@@ -24,13 +22,7 @@ from avatarv_jax.config import get_model_config
 from avatarv_jax.models.dit import DiT
 from avatarv_jax.testing import random_inputs, tiny_dit_config
 from avatarv_jax.tools.param_count import count_all
-
-
-def device_name() -> str:
-    d = jax.devices()[0]
-    if d.platform == "cpu":
-        return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    return f"{d.platform} ({d.device_kind})"
+from avatarv_jax.tools.bench_io import device_name, write_json
 
 
 def time_fn(fn, *args, repeats: int):
@@ -82,12 +74,8 @@ def main():
     for name, c in result["parameter_counts"].items():
         print(f"{name:<18} DiT {c['dit_total']:>15,}  "
               f"Wan-compatible {c['dit']['wan_compatible']:>15,}")
-    os.makedirs(args.out, exist_ok=True)
-    tag = jax.devices()[0].platform
-    path = os.path.join(args.out, f"model_core_{tag}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(path + ".tmp", path)
+    path = write_json(result, os.path.join(args.out, f"model_core_{jax.devices()[0].platform}.json"),
+                      indent=2)
     print("wrote", path)
 
 

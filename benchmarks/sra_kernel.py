@@ -22,9 +22,7 @@ and, when matplotlib is installed, a PNG of time and TFLOP/s against reference l
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,20 +33,9 @@ import jax.numpy as jnp
 from avatarv_jax.kernels.sra_layout import SRALayout
 from avatarv_jax.kernels.sra_pallas import BlockSizes, sra_pallas
 from avatarv_jax.kernels.sra_reference import sra_reference
+from avatarv_jax.tools.bench_io import device_name, device_tag, write_json
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def device_name() -> str:
-    d = jax.devices()[0]
-    if d.platform == "cpu":
-        return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    return f"{d.platform} ({d.device_kind})"
-
-
-def device_tag() -> str:
-    d = jax.devices()[0]
-    return "cpu" if d.platform == "cpu" else d.device_kind.lower().replace(" ", "_")
 
 
 def cudnn_composition(layout: SRALayout):
@@ -200,11 +187,8 @@ def main(argv=None) -> int:
               "interpret_mode": not on_gpu and dev.platform != "tpu",
               "config": {k: v for k, v in vars(args).items() if k != "out"},
               "rows": rows, "linearity": linearity}
-    os.makedirs(RESULTS, exist_ok=True)
-    path = args.out or os.path.join(RESULTS, f"sra_kernel_{device_tag()}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(path + ".tmp", path)
+    path = write_json(result, args.out or os.path.join(RESULTS, f"sra_kernel_{device_tag()}.json"),
+                      indent=2)
     print(f"device: {result['device']}\nlinearity: {linearity}\nwrote {path}")
     plot(result, path[:-len(".json")] + ".png" if path.endswith(".json") else path + ".png")
     return 0
