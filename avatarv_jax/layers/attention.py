@@ -20,6 +20,7 @@ from avatarv_jax.kernels.sra_reference import sra_reference
 from avatarv_jax.layers.linear import Dense
 from avatarv_jax.layers.norms import RMSNorm
 from avatarv_jax.layers.rope import apply_rope
+from avatarv_jax.parallel.ulysses import maybe_ulysses
 
 _IMPLS: dict[str, Callable] = {"xla": sra_reference}
 # Implementations that live in optional kernel modules, imported on first use.
@@ -45,9 +46,13 @@ def get_attention_impl(name: str) -> Callable:
 
 def sparse_reference_attention(q_ref, k_ref, v_ref, q_gen, k_gen, v_gen, *, layout: SRALayout,
                                ref_valid_frames=None, impl: str = "xla"):
-    """SRA over separate REF and GEN inputs; returns (o_ref or None, o_gen)."""
-    return get_attention_impl(impl)(q_ref, k_ref, v_ref, q_gen, k_gen, v_gen, layout=layout,
-                                    ref_valid_frames=ref_valid_frames)
+    """SRA over separate REF and GEN inputs; returns (o_ref or None, o_gen).
+
+    Inside ``use_rules`` with a ``sequence`` mesh axis > 1 it runs as Ulysses sequence
+    parallelism (``parallel/ulysses.py``)."""
+    fn = maybe_ulysses(get_attention_impl(impl))
+    return fn(q_ref, k_ref, v_ref, q_gen, k_gen, v_gen, layout=layout,
+              ref_valid_frames=ref_valid_frames)
 
 
 def dot_product_attention(q, k, v, key_mask=None):

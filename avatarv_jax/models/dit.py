@@ -346,7 +346,10 @@ class DiT(nnx.Module):
 
     def _timestep_embeddings(self, timesteps):
         temb = self.time_embedder(timesteps)                                  # [B, F, D]
-        mod = self.time_proj(jax.nn.silu(temb))
+        # Gathered before the reshape: with the 6*D axis tensor-sharded, XLA:CPU (jax 0.10)
+        # gave wrong time-embedder gradients under (data 2, fsdp 2, tensor 2).
+        mod = constrain(self.time_proj(jax.nn.silu(temb)),
+                        ("activation_batch", None, "activation_embed"))
         mod = mod.reshape(*mod.shape[:-1], 6, self.cfg.dim)
         return (constrain(temb, ("activation_batch", None, "activation_embed")),
                 constrain(mod, ("activation_batch", None, None, "activation_embed")))

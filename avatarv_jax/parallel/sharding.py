@@ -32,6 +32,11 @@ def use_rules(mesh: Mesh, rules: Rules):
         _CONTEXT.reset(token)
 
 
+def active_mesh_and_rules():
+    """``(mesh, rules)`` of the enclosing ``use_rules`` context, or None outside one."""
+    return _CONTEXT.get()
+
+
 def logical_to_mesh_spec(logical: Iterable[str | None], rules: Rules,
                          shape: Sequence[int] | None = None,
                          mesh: Mesh | None = None) -> P:
