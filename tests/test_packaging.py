@@ -16,6 +16,7 @@ def test_non_editable_install_ships_kernels(tmp_path):
                    check=True, capture_output=True, timeout=300)
     assert not (target / "kernels").exists()        # no top-level `kernels` package
     assert (target / "avatarv_jax/data/avatarworld/assets/probe.safetensors").exists()
+    assert (target / "avatarv_jax/eval/assets/syncnet_avatarworld.safetensors").exists()
     code = ("import avatarv_jax.kernels as k; from avatarv_jax.kernels import SRALayout; "
             "print(k.__file__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,

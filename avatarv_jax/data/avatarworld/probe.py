@@ -26,6 +26,7 @@ from flax import nnx
 
 from avatarv_jax.data.avatarworld import identity as idn
 from avatarv_jax.data.avatarworld import motion as mo
+from avatarv_jax.io.small_weights import load_params, read_weights, save_weights
 
 INPUT_SIZE = 64
 ASSET_PATH = os.path.join(os.path.dirname(__file__), "assets", "probe.safetensors")
@@ -173,60 +174,24 @@ class Probe:
                            embedding=_embed(probs), frame_embeddings=r.embedding)
 
 
-def _flatten_params(model: ProbeNet) -> dict[str, np.ndarray]:
-    state = nnx.state(model, nnx.Param)
-    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    out = {}
-    for path, leaf in leaves:
-        key = ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-        out[key] = np.asarray(leaf)
-    return out
-
-
 def save_probe(model: ProbeNet, path: str, meta: dict[str, Any] | None = None,
                dtype=np.float16) -> None:
     """Write the parameters as safetensors (``dtype``; float16 keeps the asset small)."""
-    from safetensors.numpy import save_file
-
-    tensors = {k: v.astype(dtype) for k, v in _flatten_params(model).items()}
     config = {"channels": list(model.channels), "strides": list(model.strides),
               "hidden": model.hidden}
-    metadata = {"config": json.dumps(config), "meta": json.dumps(meta or {})}
-    tmp = path + ".partial"
-    save_file(tensors, tmp, metadata=metadata)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    save_weights(model, path, json.dumps(config), meta, dtype)
 
 
 def load_probe(path: str | None = None) -> Probe:
     """The shipped probe (or the one at ``path``)."""
-    from safetensors import safe_open
-
     path = path or ASSET_PATH
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"probe weights not found at {path}; train them with "
             "`python -m avatarv_jax.data.avatarworld.probe_train --out {path}`")
-    with safe_open(path, framework="numpy") as f:
-        metadata = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, metadata = read_weights(path)
     config = json.loads(metadata.get("config", "{}"))
-    model = make_probe_net(**config)
-    expected = _flatten_params(model)
-    if set(expected) != set(tensors):
-        raise ValueError(f"{path} does not match ProbeNet: missing "
-                         f"{sorted(set(expected) - set(tensors))}, unexpected "
-                         f"{sorted(set(tensors) - set(expected))}")
-    state = nnx.state(model, nnx.Param)
-    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-    new_leaves = []
-    for p, leaf in paths_leaves:
-        key = ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in p)
-        value = tensors[key]
-        if value.shape != leaf.shape:
-            raise ValueError(f"{path}: {key} has shape {value.shape}, expected {leaf.shape}")
-        new_leaves.append(jnp.asarray(value, jnp.float32))
-    nnx.update(model, jax.tree_util.tree_unflatten(treedef, new_leaves))
+    model = load_params(make_probe_net(**config), tensors, path)
     return Probe(model, json.loads(metadata.get("meta", "{}")))
 
 
