@@ -1,0 +1,207 @@
+"""What the trained stages learned, measured with the AvatarWorld probe on held-out data.
+
+    python benchmarks/avatarworld_learning.py --heldout /tmp/awl/heldout \
+        --checkpoint a2v=/tmp/awl/runs/a2v --checkpoint sft=/tmp/awl/runs/sft
+
+``--heldout`` is a shard set written with ``--split heldout`` (people and scenes never seen in
+training). For each held-out person with two clips, the first clip is the reference (its first
+``cfg.inference.ref_frames`` frames, its own speech and, for a motion model, its true motion)
+and the second clip's speech drives the output, so the speech is held out too. Each model
+generates through ``avatarv_jax.inference.Pipeline`` (chunked guided sampling, streaming VAE
+decode: what ``infer.py`` does) and ``data/avatarworld/metrics.score_clip`` scores the frames
+against the driving audio and the person's true attributes and style.
+
+Rows: ``random`` (fresh weights of the SFT config), one per ``--checkpoint``, and two ceilings
+that need no DiT: ``ground_truth`` (the driving clip's real frames: what the probe itself
+reaches) and ``vae_reconstruction`` (those frames through the checkpoint's frozen VAE, encode
+then decode: no DiT on that VAE can do better than its decoder allows). Writes
+``benchmarks/results/avatarworld_learning.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from avatarv_jax.data.avatarworld import metrics
+from avatarv_jax.data.avatarworld import probe as probe_lib
+from avatarv_jax.data.avatarworld.shards import AvatarWorldDataset
+from avatarv_jax.inference import media, motion_source, weights
+from avatarv_jax.inference.pipeline import Pipeline, Prepared, Job, resolve_config
+from avatarv_jax.models import factory
+from avatarv_jax.tools.bench_io import host_info, write_json
+
+SPF = 640
+HEADLINE = ("lip_sync_corr", "silence_closed_fraction", "silence_mean_open",
+            "attribute_agreement", "embedding_similarity", "style_match")
+TARGETS = {"lip_sync_corr": 0.6, "attribute_agreement": 0.9}
+
+
+def eval_pairs(dataset: AvatarWorldDataset, max_pairs: int):
+    """(reference clip, driving clip) of the same held-out person, one pair per person."""
+    by_person = defaultdict(list)
+    for i in range(len(dataset)):
+        clip = dataset[i]
+        by_person[int(clip.identity_id)].append(clip)
+    pairs = [(clips[0], clips[1]) for _, clips in sorted(by_person.items()) if len(clips) >= 2]
+    if not pairs:
+        raise SystemExit("error: the held-out set has no person with two clips; write it with "
+                         "--identities <= clips / 2")
+    return pairs[:max_pairs]
+
+
+def prepared(cfg, ref, drive, *, steps: int | None) -> Prepared:
+    """The job ``infer.py`` would prepare from the reference clip and the driving speech, built
+    from the clips directly (no lossy mp4 round trip); the reference motion is the truth."""
+    s = cfg.inference
+    t = min(int(s.ref_frames), ref.frames.shape[0])
+    t = 1 + 4 * ((t - 1) // 4)
+    motion_dim = int(cfg.model.get("motion_dim", 0))
+    motion = (motion_source.ReferenceMotion(np.asarray(ref.motion[:t], np.float32),
+                                            "avatarworld:truth") if motion_dim else
+              motion_source.ReferenceMotion(np.zeros((t, 0), np.float32), "none"))
+    wave = np.asarray(drive.audio, np.float32)
+    return Prepared(
+        job=Job(reference="<avatarworld>", output="<memory>"), size=tuple(s.resolution),
+        audio=media.AudioTrack.from_wave(wave), num_frames=drive.frames.shape[0],
+        ref_frames=ref.frames[:t], ref_audio=np.asarray(ref.audio[:t * SPF], np.float32),
+        ref_has_audio=True, ref_motion=motion, prompt=ref.caption,
+        steps=int(steps or cfg.sampling.num_steps), text_scale=float(cfg.sampling.text_scale),
+        audio_scale=float(cfg.sampling.audio_scale))
+
+
+def score(probe, frames, ref, drive) -> dict:
+    ref_embedding = probe.read_clip(ref.frames).embedding
+    return metrics.score_clip(probe, frames, drive.audio,
+                              reference_attributes=ref.static_attributes,
+                              reference_embedding=ref_embedding,
+                              reference_style=ref.dynamic_style)
+
+
+def summarise(rows: list[dict]) -> dict:
+    out = {}
+    for key in HEADLINE:
+        values = np.asarray([r[key] for r in rows if key in r], np.float64)
+        values = values[np.isfinite(values)]
+        if values.size:
+            out[key] = float(values.mean())
+            out[key + "_std"] = float(values.std())
+    out["num_clips"] = len(rows)
+    return out
+
+
+def load_pipeline(name: str, checkpoint: str | None, base_cfg):
+    if checkpoint is None:       # fresh weights of the config (the factory's initialisers)
+        cfg = base_cfg
+        models = factory.build_models(cfg, seed=0)
+        info = weights.WeightsInfo("random")
+    else:
+        cfg = resolve_config(None, checkpoint)
+        models = factory.build_models(cfg, seed=0)
+        info = weights.load_weights(models, checkpoint, log=lambda m: None)
+    return Pipeline(cfg, models, info, log=lambda m: None)
+
+
+def run_model(pipe: Pipeline, pairs, probe, *, steps) -> list[dict]:
+    rows = []
+    for ref, drive in pairs:
+        prep = prepared(pipe.cfg, ref, drive, steps=steps)
+        frames = np.concatenate(list(pipe.frames(prep)), axis=0)
+        rows.append(score(probe, frames, ref, drive))
+    return rows
+
+
+def vae_roundtrip(pipe: Pipeline, frames: np.ndarray) -> np.ndarray:
+    vae = pipe.models["vae"]
+    video = jnp.asarray(frames[None], jnp.float32) / 127.5 - 1.0
+    out = jax.jit(lambda v: vae.decode(vae.encode(v)))(video)
+    return np.asarray(jnp.round((out[0] + 1.0) * 127.5).clip(0, 255).astype(jnp.uint8))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--heldout", required=True, help="held-out AvatarWorld shard set")
+    parser.add_argument("--checkpoint", action="append", default=[],
+                        help="NAME=PATH of a trainer workdir or step (repeatable)")
+    parser.add_argument("--pairs", type=int, default=8, help="held-out people to generate")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (config's)")
+    parser.add_argument("--compute", default="", help="free text: the training compute used")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
+                                             "avatarworld_learning.json"))
+    args = parser.parse_args(argv)
+
+    named = []
+    for item in args.checkpoint:
+        name, eq, path = item.partition("=")
+        if not eq or not name or not Path(path).is_dir():
+            print(f"error: --checkpoint must be NAME=DIRECTORY, got {item!r}", file=sys.stderr)
+            return 2
+        named.append((name, path))
+    if not (Path(args.heldout) / "manifest.json").is_file():
+        print(f"error: {args.heldout} is not an AvatarWorld shard set (no manifest.json)",
+              file=sys.stderr)
+        return 2
+
+    dataset = AvatarWorldDataset(args.heldout)
+    pairs = eval_pairs(dataset, args.pairs)
+    probe = probe_lib.load_probe()
+    results, per_clip, timings = {}, {}, {}
+
+    truth = [score(probe, drive.frames, ref, drive) for ref, drive in pairs]
+    results["ground_truth"] = summarise(truth)
+    per_clip["ground_truth"] = truth
+
+    base_cfg = resolve_config(None, named[-1][1]) if named else None
+    if base_cfg is None:
+        from avatarv_jax.training.stage_config import stage_config
+        base_cfg = stage_config("sft", "tiny")
+    for name, path in [("random", None)] + named:
+        t0 = time.perf_counter()
+        pipe = load_pipeline(name, path, base_cfg)
+        rows = run_model(pipe, pairs, probe, steps=args.steps)
+        results[name], per_clip[name] = summarise(rows), rows
+        timings[name + "_s"] = time.perf_counter() - t0
+        print(f"{name}: " + ", ".join(f"{k} {results[name][k]:.3f}" for k in HEADLINE
+                                      if k in results[name]), flush=True)
+        if path is not None and name == named[-1][0]:
+            recon = [score(probe, vae_roundtrip(pipe, drive.frames), ref, drive)
+                     for ref, drive in pairs]
+            results["vae_reconstruction"] = summarise(recon)
+            per_clip["vae_reconstruction"] = recon
+            psnr = [10 * np.log10(255.0 ** 2 / max(np.mean(
+                (vae_roundtrip(pipe, d.frames).astype(np.float64) - d.frames) ** 2), 1e-12))
+                for _, d in pairs]
+            results["vae_reconstruction"]["psnr_db"] = float(np.mean(psnr))
+    for name in ("ground_truth", "vae_reconstruction"):
+        if name in results:
+            print(f"{name}: " + ", ".join(f"{k} {results[name][k]:.3f}" for k in HEADLINE
+                                          if k in results[name]), flush=True)
+
+    report = {
+        "benchmark": "avatarworld_learning",
+        "host": host_info(),
+        "heldout": str(args.heldout),
+        "pairs": [{"reference_identity": int(r.identity_id), "reference_scene": int(r.scene_id),
+                   "driving_scene": int(d.scene_id), "frames": int(d.frames.shape[0])}
+                  for r, d in pairs],
+        "checkpoints": dict(named),
+        "compute": args.compute,
+        "targets": {"lip_sync_corr": ">= 0.6", "attribute_agreement": ">= 0.9",
+                    "style_match": "sft > a2v"},
+        "results": results,
+        "per_clip": per_clip,
+        "timings": timings,
+    }
+    print("wrote", write_json(report, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
