@@ -30,22 +30,13 @@ from avatarv_jax.data.avatarworld import identity as idn
 from avatarv_jax.data.avatarworld import motion as mo
 from avatarv_jax.data.avatarworld import speech
 from avatarv_jax.data.avatarworld.clip import Clip
+from avatarv_jax.data.shard_reader import MANIFEST, ShardedRecords, array_record_module
 
 RECORD_VERSION = 1
-MANIFEST = "manifest.json"
 WRITER_OPTIONS = "group_size:1,zstd:3"
 MASK_NAMES = ("face", "mouth", "eyes")
 _STRINGS = ("caption", "language", "transcript", "speech_backend")
 _INTS = ("identity_id", "scene_id", "seed")
-
-
-def _array_record():
-    try:
-        from array_record.python import array_record_module
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("AvatarWorld shards need the `array-record` package "
-                          "(pip install array-record)") from e
-    return array_record_module
 
 
 def clip_to_bytes(clip: Clip) -> bytes:
@@ -118,7 +109,7 @@ class ShardWriter:
 
     def _open_next(self) -> None:
         name = f"{self.prefix}-{len(self.shards):05d}.array_record"
-        self._writer = _array_record().ArrayRecordWriter(os.path.join(self.directory, name),
+        self._writer = array_record_module().ArrayRecordWriter(os.path.join(self.directory, name),
                                                          WRITER_OPTIONS)
         self.shards.append({"path": name, "num_records": 0})
 
@@ -160,49 +151,22 @@ class ShardWriter:
         return manifest
 
 
-class AvatarWorldDataset:
+def _check_manifest(manifest: dict[str, Any], path: str) -> None:
+    if manifest.get("record_version") != RECORD_VERSION:
+        raise ValueError(f"{path}: record_version {manifest.get('record_version')} "
+                         f"is not {RECORD_VERSION}")
+
+
+class AvatarWorldDataset(ShardedRecords):
     """Random access to the clips of a written data set: ``len(ds)``, ``ds[i] -> Clip``."""
 
     def __init__(self, directory: str):
-        path = os.path.join(directory, MANIFEST)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{directory} is not an AvatarWorld data set: no {MANIFEST}")
-        with open(path, encoding="utf-8") as f:
-            self.manifest = json.load(f)
-        if self.manifest.get("record_version") != RECORD_VERSION:
-            raise ValueError(f"{path}: record_version {self.manifest.get('record_version')} "
-                             f"is not {RECORD_VERSION}")
-        self.directory = directory
-        self._offsets = [0]
-        self._readers: list[Any] = []
-        ar = _array_record()
-        for shard in self.manifest["shards"]:
-            file = os.path.join(directory, shard["path"])
-            if not os.path.isfile(file):
-                raise FileNotFoundError(f"shard {file} named in the manifest is missing")
-            reader = ar.ArrayRecordReader(file)
-            if reader.num_records() != shard["num_records"]:
-                raise ValueError(f"shard {file} holds {reader.num_records()} records, "
-                                 f"the manifest says {shard['num_records']}")
-            self._readers.append(reader)
-            self._offsets.append(self._offsets[-1] + shard["num_records"])
-
-    def __len__(self) -> int:
-        return self._offsets[-1]
+        super().__init__(directory, "an AvatarWorld data set", _check_manifest)
 
     def __getitem__(self, index: int) -> Clip:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"clip {index} out of range for {len(self)} clips")
-        index %= len(self)
-        shard = int(np.searchsorted(self._offsets, index, side="right") - 1)
-        data = self._readers[shard].read([index - self._offsets[shard]])[0]
-        return clip_from_bytes(data)
+        return clip_from_bytes(self.raw(index))
 
     def __iter__(self) -> Iterator[Clip]:
         for i in range(len(self)):
             yield self[i]
 
-    def close(self) -> None:
-        for r in self._readers:
-            r.close()
-        self._readers = []

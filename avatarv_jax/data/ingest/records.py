@@ -33,10 +33,10 @@ import numpy as np
 from avatarv_jax.data.ingest.config import FPS, SAMPLE_RATE, IngestConfig
 from avatarv_jax.data.ingest.landmark_motion import REAL_MOTION_DIM, REAL_MOTION_FIELDS
 from avatarv_jax.data.ingest.process import Clip, SourceResult, source_key
+from avatarv_jax.data.shard_reader import MANIFEST, ShardedRecords, array_record_module
 
 RECORD_VERSION = 1
 FORMAT = "avatarv-ingest-arrayrecord"
-MANIFEST = "manifest.json"
 CONFIG_FILE = "ingest_config.json"
 GRAPH_FILE = "identity_graph.npz"
 SHARD_DIR, SOURCE_DIR = "shards", "sources"
@@ -79,11 +79,6 @@ class LocalStorage:
                 os.remove(tmp)
 
 
-def _array_record():
-    from avatarv_jax.data.avatarworld.shards import _array_record as load
-    return load()
-
-
 def clip_to_bytes(clip: Clip) -> bytes:
     """npz bytes of one record (no pickle)."""
     arrays = dict(clip.arrays)
@@ -115,7 +110,7 @@ def shard_bytes(clips: list[Clip]) -> bytes:
     """The ArrayRecord file holding ``clips`` (written to a local temporary file, read back)."""
     with tempfile.TemporaryDirectory(prefix="ingest-shard-") as tmp:
         path = os.path.join(tmp, "shard.array_record")
-        writer = _array_record().ArrayRecordWriter(path, WRITER_OPTIONS)
+        writer = array_record_module().ArrayRecordWriter(path, WRITER_OPTIONS)
         for clip in clips:
             writer.write(clip_to_bytes(clip))
         writer.close()
@@ -246,40 +241,17 @@ def write_dataset(storage: Storage, output: str, manifest: dict[str, Any],
                         json.dumps(manifest, indent=1, ensure_ascii=False).encode())
 
 
-class IngestedDataset:
+def _check_manifest(manifest: dict[str, Any], path: str) -> None:
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+
+
+class IngestedDataset(ShardedRecords):
     """Random access to an ingested data set: ``len(ds)``, ``ds[i] -> dict`` (manifest order)."""
 
     def __init__(self, directory: str):
-        path = os.path.join(directory, MANIFEST)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{directory} is not an ingested data set: no {MANIFEST}")
-        with open(path, encoding="utf-8") as f:
-            self.manifest = json.load(f)
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{path}: format {self.manifest.get('format')!r} is not {FORMAT!r}")
-        ar = _array_record()
-        self._readers, self._offsets = [], [0]
-        for shard in self.manifest["shards"]:
-            reader = ar.ArrayRecordReader(os.path.join(directory, shard["path"]))
-            if reader.num_records() != shard["num_records"]:
-                raise ValueError(f"shard {shard['path']} holds {reader.num_records()} records, "
-                                 f"the manifest says {shard['num_records']}")
-            self._readers.append(reader)
-            self._offsets.append(self._offsets[-1] + shard["num_records"])
-
-    def __len__(self) -> int:
-        return self._offsets[-1]
-
-    def raw(self, index: int) -> bytes:
-        if not 0 <= index < len(self):
-            raise IndexError(f"clip {index} out of range for {len(self)} clips")
-        shard = int(np.searchsorted(self._offsets, index, side="right") - 1)
-        return self._readers[shard].read([index - self._offsets[shard]])[0]
+        super().__init__(directory, "an ingested data set", _check_manifest)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return record_from_bytes(self.raw(index))
 
-    def close(self) -> None:
-        for r in self._readers:
-            r.close()
-        self._readers = []

@@ -10,7 +10,6 @@ with ``allow_pickle=False``; only the keys a stage needs are decompressed.
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +17,8 @@ from typing import Any
 import grain
 import numpy as np
 
-MANIFEST = "manifest.json"
+from avatarv_jax.data.shard_reader import MANIFEST, read_manifest
+
 LATENT_FORMAT = "avatarv-latents"
 
 
@@ -27,10 +27,7 @@ class ShardSet:
 
     def __init__(self, directory: str):
         path = os.path.join(directory, MANIFEST)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{directory} is not a finished shard set: no {MANIFEST}")
-        with open(path, encoding="utf-8") as f:
-            self.manifest: dict[str, Any] = json.load(f)
+        self.manifest: dict[str, Any] = read_manifest(directory, "a finished shard set")
         shards = self.manifest.get("shards")
         if not shards:
             raise ValueError(f"{path} lists no shards")
