@@ -195,18 +195,17 @@ def _forward_kernel(*refs, clamped, block_k, scale, count):
         count_ref[...] = jnp.full(count_ref.shape, visited, jnp.int32)
 
 
-def _forward_segment(st: _Static, query: str, q, kv: dict, limit, *, count: bool = False):
-    """Output [B, S_q, H, D] and log-sum-exp [B, H, S_q] of one query segment."""
-    batch, n_q, heads, _ = q.shape
+def _add_key_operands(st: _Static, query: str, bq: int, kv: dict, limit, inputs: list,
+                      specs: list, *, backward: bool):
+    """Appends, per key segment a query segment sees, the padded K/V, its block table and row
+    ranges (and the REF limit when any range is clamped); returns (clamped, block_k) per segment.
+
+    The forward and dQ kernels read their key operands in this same order.
+    """
     dp = st.padded_dim
-    bq = st.block(query, "q", backward=False)
-    qp = _pad_tokens(q, bq, dp)
-    num_qb = qp.shape[1] // bq
-    inputs = [qp]
-    specs = [pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, i, h, 0))]
     clamped, block_k = [], []
     for source in sources_of(st.layout, query):
-        bk = st.block(source, "k", backward=False)
+        bk = st.block(source, "k", backward=backward)
         tab = source_tables(st.layout, query, source, bq, bk)
         k, v = (_pad_tokens(x, bk, dp) for x in kv[source])
         full = pl.BlockSpec((None, k.shape[1], None, dp), lambda i, b, h: (b, 0, h, 0))
@@ -218,6 +217,19 @@ def _forward_segment(st: _Static, query: str, q, kv: dict, limit, *, count: bool
     if any(clamped):
         inputs.append(limit)
         specs.append(pl.BlockSpec((1,), lambda i, b, h: (b,)))
+    return clamped, block_k
+
+
+def _forward_segment(st: _Static, query: str, q, kv: dict, limit, *, count: bool = False):
+    """Output [B, S_q, H, D] and log-sum-exp [B, H, S_q] of one query segment."""
+    batch, n_q, heads, _ = q.shape
+    dp = st.padded_dim
+    bq = st.block(query, "q", backward=False)
+    qp = _pad_tokens(q, bq, dp)
+    num_qb = qp.shape[1] // bq
+    inputs = [qp]
+    specs = [pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, i, h, 0))]
+    clamped, block_k = _add_key_operands(st, query, bq, kv, limit, inputs, specs, backward=False)
 
     out_shape = [jax.ShapeDtypeStruct(qp.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, qp.shape[1]), jnp.float32)]
@@ -321,20 +333,7 @@ def _dq_segment(st: _Static, query: str, q, do, lse, delta, kv: dict, limit):
     row_block = pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, i, h, 0))
     vec_block = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
     inputs, specs = [qp, dop, lse, delta], [row_block, row_block, vec_block, vec_block]
-    clamped, block_k = [], []
-    for source in sources_of(st.layout, query):
-        bk = st.block(source, "k", backward=True)
-        tab = source_tables(st.layout, query, source, bq, bk)
-        k, v = (_pad_tokens(x, bk, dp) for x in kv[source])
-        full = pl.BlockSpec((None, k.shape[1], None, dp), lambda i, b, h: (b, 0, h, 0))
-        row_arrays, row_specs = _row_specs(tab.rows, bq)
-        inputs += [k, v, jnp.asarray(tab.blocks)] + row_arrays
-        specs += [full, full, pl.BlockSpec((None, 2), lambda i, b, h: (i, 0))] + row_specs
-        clamped.append(tab.clamped)
-        block_k.append(bk)
-    if any(clamped):
-        inputs.append(limit)
-        specs.append(pl.BlockSpec((1,), lambda i, b, h: (b,)))
+    clamped, block_k = _add_key_operands(st, query, bq, kv, limit, inputs, specs, backward=True)
     kernel = functools.partial(_dq_kernel, clamped=tuple(clamped), block_k=tuple(block_k),
                                scale=st.scale)
     dq = pl.pallas_call(
