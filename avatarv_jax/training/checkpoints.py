@@ -12,6 +12,7 @@ the given NNX modules, in place, after checking every name and shape.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from flax import nnx
 
 CHECKPOINT_DIR = "checkpoints"
@@ -179,6 +181,19 @@ def check_fits(saved: Mapping[str, tuple], expected: Mapping[str, tuple], what: 
         raise CheckpointMismatchError(f"{what} does not fit the checkpoint: {shown}{more}")
 
 
+@contextlib.contextmanager
+def _quiet_item_restore():
+    """Orbax warns that an item directory has no step metadata (it lives one level up, in the
+    step directory): true and expected when one item is restored on its own, so not shown."""
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(min(level, absl_logging.ERROR))   # lower = quieter
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
+
+
+@_quiet_item_restore()
 def _restore_into(module: nnx.Module, step_dir: Path, item: str, sub: str | None = None):
     state = nnx.state(module, nnx.Param)
     pure = nnx.to_pure_dict(state)
@@ -202,6 +217,7 @@ def _restore_into(module: nnx.Module, step_dir: Path, item: str, sub: str | None
     nnx.update(module, state)
 
 
+@_quiet_item_restore()
 def restore_models(path: str | os.PathLike, models: Mapping[str, nnx.Module], *,
                    use_ema: bool = True) -> int:
     """Restore the DiT (``models['dit']``; EMA weights when saved and ``use_ema``) and every
