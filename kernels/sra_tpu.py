@@ -102,9 +102,12 @@ def _phase_active(tab_ref, base, phase: int, step):
     return (local >= 0) & (local < tab_ref[base + 2 * phase + 1]), local
 
 
-def _mask(start, size, lo, hi):
+def _mask(start, size, lo_ref, hi_ref, limit_ref, b, clamp: bool):
+    """Keys ``start .. start+size`` each row may see: its [lo, hi) range, hi clamped to the
+    batch element's valid REF length when the range is a clamped one."""
+    hi = jnp.minimum(hi_ref[...], limit_ref[b]) if clamp else hi_ref[...]
     pos = start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
-    return (pos >= lo) & (pos < hi)
+    return (pos >= lo_ref[...]) & (pos < hi)
 
 
 def _precision(a):
@@ -150,8 +153,7 @@ def _forward_kernel(tab_ref, limit_ref, q_ref, *refs, clamped, block_k, scale, n
         def _visit(k_ref=k_ref, v_ref=v_ref, lo_ref=lo_ref, hi_ref=hi_ref, clamp=clamp, bk=bk,
                    local=local, phase=phase):
             start = (tab_ref[base + 2 * phase] + local) * bk
-            hi = jnp.minimum(hi_ref[...], limit_ref[b]) if clamp else hi_ref[...]
-            mask = _mask(start, bk, lo_ref[...], hi)
+            mask = _mask(start, bk, lo_ref, hi_ref, limit_ref, b, clamp)
             s = jnp.where(mask, _dot_nt(q_ref[...], k_ref[...]) * scale, _NEG)
             m_prev = m_sc[...]
             m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -243,8 +245,7 @@ def _dq_kernel(tab_ref, limit_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, cla
         def _visit(k_ref=k_ref, v_ref=v_ref, lo_ref=lo_ref, hi_ref=hi_ref, clamp=clamp, bk=bk,
                    local=local, phase=phase):
             start = (tab_ref[base + 2 * phase] + local) * bk
-            hi = jnp.minimum(hi_ref[...], limit_ref[b]) if clamp else hi_ref[...]
-            mask = _mask(start, bk, lo_ref[...], hi)
+            mask = _mask(start, bk, lo_ref, hi_ref, limit_ref, b, clamp)
             k = k_ref[...]
             p = jnp.where(mask, jnp.exp(_dot_nt(q_ref[...], k) * scale - lse_ref[...]), 0.0)
             ds = p * (_dot_nt(do_ref[...], v_ref[...]) - delta_ref[...])
@@ -311,8 +312,7 @@ def _dkv_kernel(tab_ref, limit_ref, k_ref, v_ref, *refs, clamped, block_q, block
         @pl.when(active)
         def _visit(q_ref=q_ref, do_ref=do_ref, lse_ref=lse_ref, delta_ref=delta_ref,
                    lo_ref=lo_ref, hi_ref=hi_ref, clamp=clamp):
-            hi = jnp.minimum(hi_ref[...], limit_ref[b]) if clamp else hi_ref[...]
-            mask = _mask(key_start, block_k, lo_ref[...], hi)
+            mask = _mask(key_start, block_k, lo_ref, hi_ref, limit_ref, b, clamp)
             q, do = q_ref[...], do_ref[...]
             p = jnp.where(mask, jnp.exp(_dot_nt(q, k_ref[...]) * scale - lse_ref[...]), 0.0)
             dv_sc[...] = dv_sc[...] + _dot_tn(p.astype(do.dtype), do)

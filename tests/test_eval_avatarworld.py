@@ -10,8 +10,6 @@ from avatarv_jax.eval import avatarworld_eval as awe
 from avatarv_jax.eval import syncnet as sn
 from avatarv_jax.eval.__main__ import main as eval_main
 
-pytestmark = pytest.mark.skipif(not os.path.isfile(sn.ASSET_PATH),
-                                reason="the shipped SyncNet weights are missing")
 
 
 @pytest.fixture(scope="module")

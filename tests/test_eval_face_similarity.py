@@ -72,17 +72,13 @@ def test_sample_frames():
 def test_real_video_mode_end_to_end(tmp_path):
     """GEN_DIR against REF_DIR: dlib mouth boxes, LSE, face similarity, the three baselines."""
     import json
-    import os
 
     from skimage import data
     from skimage.transform import resize
 
     from avatarv_jax.data.avatarworld.media import write_mp4
-    from avatarv_jax.eval import syncnet as sn
     from avatarv_jax.eval.__main__ import main as eval_main
 
-    if not os.path.isfile(sn.ASSET_PATH):
-        pytest.skip("the shipped SyncNet weights are missing")
     face = (resize(data.astronaut(), (192, 192)) * 255).astype(np.uint8)
     rng = np.random.default_rng(0)
     gen, ref = tmp_path / "gen", tmp_path / "ref"
