@@ -55,3 +55,17 @@ def random_inputs(cfg: DiTConfig, *, batch=2, gen_frames=3, ref_frames=2, size=(
             motion=normal((batch, ref_frames, cfg.packed_motion_dim)) if motion else None,
             audio=normal((batch, 1 + 4 * (ref_frames - 1), cfg.audio_dim)) if audio else None)
     return gen, ref
+
+
+def sigterm_at(dataset, kill_at: int | None):
+    """The Grain dataset, sending SIGTERM to this process when element ``kill_at`` is drawn
+    (preemption in the trainer's resume tests)."""
+    import os
+    import signal
+
+    def maybe_kill(i, element):
+        if i == kill_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return element
+
+    return dataset.map_with_index(maybe_kill)

@@ -33,7 +33,8 @@ import numpy as np
 from avatarv_jax.data.avatarworld import metrics
 from avatarv_jax.data.avatarworld import probe as probe_lib
 from avatarv_jax.data.avatarworld.shards import AvatarWorldDataset
-from avatarv_jax.inference import media, motion_source, weights
+from avatarv_jax.diffusion.guidance import num_guidance_passes
+from avatarv_jax.inference import chunks as chunking, media, motion_source, weights
 from avatarv_jax.inference.pipeline import Pipeline, Prepared, Job, resolve_config
 from avatarv_jax.models import factory
 from avatarv_jax.tools.bench_io import host_info, write_json
@@ -93,6 +94,10 @@ def summarise(rows: list[dict]) -> dict:
         if values.size:
             out[key] = float(values.mean())
             out[key + "_std"] = float(values.std())
+    for key in ("seconds", "network_evaluations", "sampling_steps"):
+        values = [r[key] for r in rows if key in r]
+        if values:
+            out[key + "_per_video"] = float(np.mean(values))
     out["num_clips"] = len(rows)
     return out
 
@@ -109,12 +114,27 @@ def load_pipeline(name: str, checkpoint: str | None, base_cfg):
     return Pipeline(cfg, models, info, log=lambda m: None)
 
 
+def network_evaluations(pipe: Pipeline, prep: Prepared) -> int:
+    """DiT passes to generate one video: chunks x steps x guidance passes (one for a
+    guidance-distilled DiT; Heun doubles the steps' passes)."""
+    s = pipe.settings
+    chunks = len(chunking.plan_chunks(prep.num_frames, s.chunk_latents, s.prefix_latents).chunks)
+    passes = (1 if pipe.dit.cfg.guidance_embed
+              else num_guidance_passes(prep.text_scale, prep.audio_scale))
+    per_step = 2 if pipe.cfg.sampling.method == "heun" else 1
+    return chunks * int(prep.steps) * passes * per_step
+
+
 def run_model(pipe: Pipeline, pairs, probe, *, steps) -> list[dict]:
     rows = []
     for ref, drive in pairs:
         prep = prepared(pipe.cfg, ref, drive, steps=steps)
+        t0 = time.perf_counter()
         frames = np.concatenate(list(pipe.frames(prep)), axis=0)
-        rows.append(score(probe, frames, ref, drive))
+        row = score(probe, frames, ref, drive)
+        row.update(seconds=time.perf_counter() - t0, sampling_steps=int(prep.steps),
+                   network_evaluations=network_evaluations(pipe, prep))
+        rows.append(row)
     return rows
 
 
@@ -132,6 +152,9 @@ def main(argv=None) -> int:
                         help="NAME=PATH of a trainer workdir or step (repeatable)")
     parser.add_argument("--pairs", type=int, default=8, help="held-out people to generate")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (config's)")
+    parser.add_argument("--steps-for", action="append", default=[],
+                        help="NAME=N: sampling steps of one checkpoint (repeatable; e.g. a "
+                             "teacher at many steps beside its 4-step student)")
     parser.add_argument("--compute", default="", help="free text: the training compute used")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                              "avatarworld_learning.json"))
@@ -144,6 +167,14 @@ def main(argv=None) -> int:
             print(f"error: --checkpoint must be NAME=DIRECTORY, got {item!r}", file=sys.stderr)
             return 2
         named.append((name, path))
+    steps_for = {}
+    for item in args.steps_for:
+        name, eq, n = item.partition("=")
+        if not eq or name not in dict(named) or not n.isdigit() or int(n) < 1:
+            print(f"error: --steps-for must be NAME=N for a --checkpoint NAME, got {item!r}",
+                  file=sys.stderr)
+            return 2
+        steps_for[name] = int(n)
     if not (Path(args.heldout) / "manifest.json").is_file():
         print(f"error: {args.heldout} is not an AvatarWorld shard set (no manifest.json)",
               file=sys.stderr)
@@ -165,7 +196,7 @@ def main(argv=None) -> int:
     for name, path in [("random", None)] + named:
         t0 = time.perf_counter()
         pipe = load_pipeline(name, path, base_cfg)
-        rows = run_model(pipe, pairs, probe, steps=args.steps)
+        rows = run_model(pipe, pairs, probe, steps=steps_for.get(name, args.steps))
         results[name], per_clip[name] = summarise(rows), rows
         timings[name + "_s"] = time.perf_counter() - t0
         print(f"{name}: " + ", ".join(f"{k} {results[name][k]:.3f}" for k in HEADLINE

@@ -1,7 +1,6 @@
 """Exact resume: N steps straight == N/2 steps, SIGTERM, resume (fp32, CPU), and the CLI."""
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -31,16 +30,12 @@ CHILD = textwrap.dedent("""
 
 def data(kill_at=None):
     """Synthetic t2v latents; batch ``kill_at`` sends SIGTERM to this process when drawn."""
+    from avatarv_jax.testing import sigterm_at
     from avatarv_jax.training.synthetic import synthetic_dataset
 
-    def maybe_kill(i, batch):
-        if i == kill_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return batch
-
-    return synthetic_dataset("t2v", num_batches=NUM_STEPS, batch_size=2, num_frames=5,
-                             ref_frames=1, resolution=32, text_len=8,
-                             latent_shape=(4, 4, 16)).map_with_index(maybe_kill)
+    return sigterm_at(synthetic_dataset("t2v", num_batches=NUM_STEPS, batch_size=2,
+                                        num_frames=5, ref_frames=1, resolution=32, text_len=8,
+                                        latent_shape=(4, 4, 16)), kill_at)
 
 
 def tiny_config():

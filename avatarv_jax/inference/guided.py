@@ -81,15 +81,17 @@ def joint_predictor(dit: DiT, inputs: JointInputs) -> Predictor:
 
 
 def chunk_velocity(predict: Predictor, *, text_scale: float, audio_scale: float,
-                   prefix: dict | None = None, cond_latents=None):
+                   prefix: dict | None = None, cond_latents=None,
+                   guidance_embedded: bool = False):
     """The guided velocity ``v(x, sigma)`` of a chunk's noisy frames behind a clean prefix.
 
     ``prefix`` ({'video': [B,P,...], 'motion'?}) holds clean frames carried over from the
     previous chunk: they stay fixed, at timestep 0, in front of the noisy frames, and only the
-    noisy frames' velocity is returned.
+    noisy frames' velocity is returned. A guidance-distilled DiT (``guidance_embedded``) gives
+    the guided velocity in one ``full`` pass that is told the two scales.
     """
     num_prefix = 0 if prefix is None else prefix["video"].shape[1]
-    passes = num_guidance_passes(text_scale, audio_scale)
+    passes = 1 if guidance_embedded else num_guidance_passes(text_scale, audio_scale)
 
     def with_prefix(x):
         if prefix is None:
@@ -101,8 +103,13 @@ def chunk_velocity(predict: Predictor, *, text_scale: float, audio_scale: float,
         b, f = full_x["video"].shape[:2]
         frame_sigma = jnp.where(jnp.arange(f) < num_prefix, 0.0, sigma)
         timesteps = jnp.broadcast_to(sigma_to_timestep(frame_sigma), (b, f))
+        guidance = None
+        if guidance_embedded:
+            guidance = jnp.broadcast_to(jnp.asarray([text_scale, audio_scale], jnp.float32),
+                                        (b, 2))
         gen = GenInputs(latents=full_x["video"], timesteps=timesteps,
-                        motion=full_x.get("motion"), cond_latents=cond_latents)
+                        motion=full_x.get("motion"), cond_latents=cond_latents,
+                        guidance=guidance)
 
         def run(which):
             out = predict(gen, which)
@@ -123,5 +130,6 @@ def sample_chunk(dit: DiT, caches: GuidanceCaches, noise: dict, sigmas: jax.Arra
     """Denoise ``noise`` ({'video': [B,F,H,W,C], 'motion'?}) along ``sigmas`` to clean latents,
     in one ``lax`` loop (``chunk_velocity`` has the prefix rule)."""
     velocity = chunk_velocity(cached_predictor(dit, caches), text_scale=text_scale,
-                              audio_scale=audio_scale, prefix=prefix, cond_latents=cond_latents)
+                              audio_scale=audio_scale, prefix=prefix, cond_latents=cond_latents,
+                              guidance_embedded=dit.cfg.guidance_embed)
     return sample(velocity, noise, sigmas, method=method)

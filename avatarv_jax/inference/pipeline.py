@@ -393,7 +393,8 @@ class Pipeline:
                 predict = (cached_predictor if cached else joint_predictor)(model, conds)
                 velocity = chunk_velocity(predict, text_scale=text_scale,
                                           audio_scale=audio_scale, prefix=prefix,
-                                          cond_latents=cond_latents)
+                                          cond_latents=cond_latents,
+                                          guidance_embedded=model.cfg.guidance_embed)
                 return samplers.step(velocity, x, sigma, sigma_next, method=method)
             self._steps[key] = _jit_module(dit, step)
         return self._steps[key]

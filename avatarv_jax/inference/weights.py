@@ -63,11 +63,25 @@ def checkpoint_config(path) -> ml_collections.ConfigDict | None:
         file = folder / "config.json"
         if file.is_file():
             try:
-                return ml_collections.ConfigDict(json.loads(file.read_text()))
+                cfg = ml_collections.ConfigDict(json.loads(file.read_text()))
             except (ValueError, TypeError) as e:
                 raise InferenceInputError(f"cannot read the checkpoint's config {file}: {e}") \
                     from None
+            return _with_model_defaults(cfg)
     return None
+
+
+def _with_model_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """DiT fields added after the checkpoint was written take their defaults (a checkpoint
+    from before ``guidance_embed`` existed has no guidance embedding)."""
+    if "model" not in cfg:
+        return cfg
+    from avatarv_jax.models.dit import DiTConfig
+    with cfg.unlocked():
+        for name, field in DiTConfig.__dataclass_fields__.items():
+            if name not in cfg.model:
+                cfg.model[name] = field.default
+    return cfg
 
 
 def check_checkpoint(checkpoint) -> None:

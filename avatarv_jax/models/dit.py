@@ -23,7 +23,6 @@ every sampling step).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import numpy as np
 import jax
@@ -33,7 +32,7 @@ from flax import nnx, struct
 from avatarv_jax.kernels.sra_layout import SRALayout
 from avatarv_jax.layers.attention import (AttentionProjections, dot_product_attention,
                                           sparse_reference_attention)
-from avatarv_jax.layers.embeddings import TimestepMLP
+from avatarv_jax.layers.embeddings import TimestepMLP, sinusoidal_embedding
 from avatarv_jax.layers.initializers import make_param, normal, zeros
 from avatarv_jax.layers.linear import Dense
 from avatarv_jax.layers.norms import LayerNorm
@@ -44,6 +43,25 @@ from avatarv_jax.parallel.sharding import constrain
 
 REMAT_POLICIES = ("none", "full", "dots")
 _HIDDEN_AXES = ("activation_batch", None, None, "activation_embed")  # hidden states [B, F, T, D]
+GUIDANCE_FEATURE_SCALE = 100.0   # scales of ~1-10 spread over the sinusoids like timesteps
+
+
+class GuidanceEmbedder(nnx.Module):
+    """(text scale, audio scale) -> an embedding added to the timestep embedding (guidance
+    distillation, DESIGN §5 stage 4). Its output layer starts at zero, so a student made from
+    its teacher by parameter surgery starts as exactly the teacher's conditional model."""
+
+    def __init__(self, freq_dim: int, dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.freq_dim = freq_dim
+        self.linear_1 = Dense(2 * freq_dim, dim, axes=(None, "embed"), dtype=dtype, rngs=rngs)
+        self.linear_2 = Dense(dim, dim, axes=("embed", "mlp"), kernel_init=zeros, dtype=dtype,
+                              rngs=rngs)
+
+    def __call__(self, scales: jax.Array) -> jax.Array:
+        feats = sinusoidal_embedding(scales.astype(jnp.float32) * GUIDANCE_FEATURE_SCALE,
+                                     self.freq_dim)                          # [B, 2, freq]
+        feats = feats.reshape(*feats.shape[:-2], 2 * self.freq_dim)
+        return self.linear_2(jax.nn.silu(self.linear_1(feats)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +87,7 @@ class DiTConfig:
     ref_window: int = 0             # REF frames a REF frame sees either side; -1 = all
     gen_window: int = -1            # GEN frames a GEN frame sees either side; -1 = all
     attention_impl: str = "xla"
+    guidance_embed: bool = False    # guidance-distilled student: the scales enter like the timestep
     dtype: str = "float32"          # compute dtype; parameters are fp32
     remat_policy: str = "none"
 
@@ -116,6 +135,8 @@ class GenInputs:
     audio: [B, 1 + 4(F-1), audio_dim] features per video frame of the chunk.
     audio_mask: [B] 1 = use audio, 0 = drop it (guidance / condition dropout).
     cond_latents: [B, F, H, W, cond_channels] upsampled base latents (SR refiner).
+    guidance: [B, 2] (text scale, audio scale) for a guidance-distilled DiT
+        (``guidance_embed``): one pass gives the guided velocity of those scales.
     """
 
     latents: jax.Array
@@ -125,6 +146,7 @@ class GenInputs:
     audio: jax.Array | None = None
     audio_mask: jax.Array | None = None
     cond_latents: jax.Array | None = None
+    guidance: jax.Array | None = None
 
 
 @struct.dataclass
@@ -291,6 +313,8 @@ class DiT(nnx.Module):
         self.time_embedder = TimestepMLP(cfg.freq_dim, d, dtype=dt, rngs=rngs)
         self.time_proj = Dense(d, 6 * d, axes=("embed", "mlp"), dtype=dt, rngs=rngs)
         self.text_embedder = TextProjection(cfg.text_dim, d, dtype=dt, rngs=rngs)
+        if cfg.guidance_embed:
+            self.guidance_embedder = GuidanceEmbedder(cfg.freq_dim, d, dtype=dt, rngs=rngs)
 
         # Modules Avatar V adds to the Wan 2.1 layout.
         self.ref_embedding = make_param(rngs, zeros, (d,), ("embed",))
@@ -344,8 +368,10 @@ class DiT(nnx.Module):
             h = h + self.ref_embedding[...]
         return constrain(h, _HIDDEN_AXES)
 
-    def _timestep_embeddings(self, timesteps):
+    def _timestep_embeddings(self, timesteps, guidance=None):
         temb = self.time_embedder(timesteps)                                  # [B, F, D]
+        if guidance is not None:
+            temb = temb + self.guidance_embedder(guidance)[:, None, :].astype(temb.dtype)
         # Gathered before the reshape: with the 6*D axis tensor-sharded, XLA:CPU (jax 0.10)
         # gave wrong time-embedder gradients under (data 2, fsdp 2, tensor 2).
         mod = constrain(self.time_proj(jax.nn.silu(temb)),
@@ -353,6 +379,21 @@ class DiT(nnx.Module):
         mod = mod.reshape(*mod.shape[:-1], 6, self.cfg.dim)
         return (constrain(temb, ("activation_batch", None, "activation_embed")),
                 constrain(mod, ("activation_batch", None, None, "activation_embed")))
+
+    def _guidance(self, gen: GenInputs, batch: int):
+        """The [B, 2] guidance scales of a guidance-distilled DiT (checked), else None."""
+        if not self.cfg.guidance_embed:
+            if gen.guidance is not None:
+                raise ValueError("GenInputs.guidance was given but the config has "
+                                 "guidance_embed = False (only a guidance-distilled DiT takes it)")
+            return None
+        if gen.guidance is None:
+            raise ValueError("this DiT is guidance-distilled (guidance_embed = True): pass "
+                             "GenInputs.guidance = [B, 2] (text scale, audio scale)")
+        if gen.guidance.shape != (batch, 2):
+            raise ValueError(f"GenInputs.guidance has shape {gen.guidance.shape}; expected "
+                             f"{(batch, 2)} (text scale, audio scale)")
+        return gen.guidance
 
     def _rope(self, frame_positions, grid, motion_token: bool):
         pos = segment_positions(frame_positions, grid, motion_token)
@@ -445,7 +486,7 @@ class DiT(nnx.Module):
                 raise ValueError("GenInputs.text is required without a cond_cache")
             cond_cache = self.encode_conditions(gen.text, gen.audio, gen.audio_mask,
                                                 num_frames=f)
-        temb, mod = self._timestep_embeddings(gen.timesteps)
+        temb, mod = self._timestep_embeddings(gen.timesteps, self._guidance(gen, b))
         cos, sin = self._rope(np.arange(f), grid, gen.motion is not None)
         gen_seg = _Segment(temb, mod, cos, sin, None, None, cond_cache.audio_window_mask,
                            cond_cache.audio_mask)

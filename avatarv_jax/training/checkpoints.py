@@ -1,7 +1,9 @@
 """Checkpoints: an Orbax CheckpointManager over ``WORKDIR/checkpoints/<step>/``.
 
 Items of a step (DESIGN §10): ``params`` (the DiT's parameters, pure dict), ``opt_state``,
-``ema`` (when on), ``frozen`` (text encoder, audio encoder, VAE as pure dicts), ``train``
+``ema`` (when on), ``aux`` (a stage's second trained model, DMD's fake score, with its
+optimizer state), ``frozen`` (text encoder, audio encoder, VAE, and in stages 4-5 the frozen
+teacher or reference DiT ``teacher``, as pure dicts), ``train``
 (JSON: step, NaN-guard count, stage) and ``data`` (the Grain iterator state, one file per
 process). Saves are asynchronous; restores take abstract targets carrying the shardings of
 the *current* mesh, so a checkpoint written on one mesh restores onto another.
@@ -89,6 +91,8 @@ class TrainCheckpointer:
                                               "bad_steps": int(jax.device_get(state.bad_steps))}))
         if state.ema is not None:
             items["ema"] = ocp.args.StandardSave(state.ema)
+        if state.aux is not None:
+            items["aux"] = ocp.args.StandardSave(state.aux)
         if data_iterator is not None:
             items["data"] = _data_save_args(data_iterator)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -106,6 +110,8 @@ class TrainCheckpointer:
                      train=ocp.args.JsonRestore())
         if abstract_state.ema is not None:
             items["ema"] = ocp.args.StandardRestore(abstract_state.ema)
+        if abstract_state.aux is not None:
+            items["aux"] = ocp.args.StandardRestore(abstract_state.aux)
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         if data_iterator is not None:
             _data_restore(self.manager, step, data_iterator)
@@ -114,7 +120,8 @@ class TrainCheckpointer:
             step=_scalar(meta["step"], abstract_state.step),
             bad_steps=_scalar(meta["bad_steps"], abstract_state.bad_steps),
             params=out["params"], opt_state=out["opt_state"],
-            ema=out["ema"] if abstract_state.ema is not None else None)
+            ema=out["ema"] if abstract_state.ema is not None else None,
+            aux=out["aux"] if abstract_state.aux is not None else None)
         return state, out["frozen"], meta
 
     def wait(self) -> None:

@@ -1,11 +1,18 @@
-"""Training configs of stages 1-3: the model preset plus train/optimizer/checkpoint/data.
+"""Training configs of every stage: the model preset plus train/optimizer/checkpoint/data.
 
-``configs/t2v.py``, ``configs/a2v.py`` and ``configs/sft.py`` call ``stage_config``. What each
-stage switches on in the DiT (DESIGN §5):
+``configs/<stage>.py`` calls ``stage_config``. What each stage switches on in the DiT
+(DESIGN §5):
 
-  t2v  text -> video: no audio cross-attention, no motion stream.
-  a2v  + audio cross-attention (zero-initialised output) and a one-frame reference.
-  sft  + the motion stream, multi-frame cross-clip references, region-weighted loss.
+  t2v          text -> video: no audio cross-attention, no motion stream.
+  a2v          + audio cross-attention (zero-initialised output) and a one-frame reference.
+  sft          + the motion stream, multi-frame cross-clip references, region-weighted loss.
+  distill_cfg  + the guidance embedding: one pass learns the teacher's 3-pass guided velocity.
+  distill_dmd  few-step generator by distribution matching (teacher = distill_cfg's student).
+  grpo         Flow-GRPO on rewards, KL-tied to the frozen previous model.
+  dpo          Diffusion-DPO on preference pairs (reward-ranked samples or a JSONL manifest).
+
+Stages 4-5 train on SFT batches (``DATA_STAGE``) and keep the previous stage's DiT frozen as
+``teacher`` (the teacher, the real score, or the reference model).
 """
 
 from __future__ import annotations
@@ -14,8 +21,19 @@ import ml_collections
 
 from avatarv_jax.config import get_model_config
 
-STAGES = ("t2v", "a2v", "sft")
-PREVIOUS_STAGE = {"t2v": None, "a2v": "t2v", "sft": "a2v"}
+STAGES = ("t2v", "a2v", "sft", "distill_cfg", "distill_dmd", "grpo", "dpo")
+POSTTRAIN_STAGES = ("distill_cfg", "distill_dmd", "grpo", "dpo")
+PREVIOUS_STAGE = {"t2v": None, "a2v": "t2v", "sft": "a2v", "distill_cfg": "sft",
+                  "distill_dmd": "distill_cfg", "grpo": "distill_dmd", "dpo": "distill_dmd"}
+# The batch contract each stage reads (data/pipelines.py): stages 4-5 use SFT batches.
+DATA_STAGE = {"t2v": "t2v", "a2v": "a2v", "sft": "sft", "distill_cfg": "sft",
+              "distill_dmd": "sft", "grpo": "sft", "dpo": "sft"}
+
+
+def data_stage(stage: str) -> str:
+    if stage not in DATA_STAGE:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    return DATA_STAGE[stage]
 
 # Per model: batch, frames, resolution, steps (the tiny preset runs on one CPU).
 _SCALE = {
@@ -65,11 +83,14 @@ def stage_config(stage: str, model: str) -> ml_collections.ConfigDict:
         cfg.model.motion_dim = 0
     elif stage == "a2v":
         cfg.model.motion_dim = 0
+    if stage in POSTTRAIN_STAGES:
+        cfg.model.guidance_embed = True
+        _posttrain_sections(cfg, stage, model)
 
     cfg.train = ml_collections.ConfigDict(dict(
         seed=0,
         num_steps=scale["num_steps"],
-        num_prefix_frames=1 if stage == "sft" else 0,   # clean continuation frames in GEN
+        num_prefix_frames=1 if DATA_STAGE[stage] == "sft" else 0,   # clean continuation frames in GEN
         log_every=scale["log_every"],
         max_bad_steps=5,          # NaN guard: stop after this many non-finite steps in a row
         sample_every=scale["sample_every"],   # 0: no sample videos
@@ -94,4 +115,47 @@ def stage_config(stage: str, model: str) -> ml_collections.ConfigDict:
     # The previous stage's workdir (or step directory): parameter surgery initialises from it.
     cfg.init_from = ""
     cfg.init_from_ema = True
+    # A VAE weights file from ``python -m avatarv_jax.training.vae_pretrain``: loaded into the
+    # frozen VAE when the run starts (not on resume), after init_from.
+    cfg.init_vae = ""
     return cfg
+
+
+def _posttrain_sections(cfg: ml_collections.ConfigDict, stage: str, model: str) -> None:
+    """The fields of stages 4-5 (docs/training.md explains each)."""
+    tiny = model == "tiny"
+    # Guidance scales the distilled student learns (drawn uniformly per sample). The few-step
+    # generator, GRPO and DPO sample at ``sampling.text_scale`` / ``sampling.audio_scale``.
+    cfg.distill = ml_collections.ConfigDict(dict(
+        text_scale_range=(1.0, 6.0), audio_scale_range=(1.0, 6.0)))
+    if stage != "distill_cfg":     # from here on the model is a few-step generator
+        cfg.sampling.num_steps = 4
+        cfg.sampling.shift = 1.0
+    if stage == "distill_dmd":
+        cfg.dmd = ml_collections.ConfigDict(dict(
+            # The generator's steps and sigma shift are sampling.num_steps / sampling.shift,
+            # so inference samples the distilled checkpoint as it was trained.
+            fake_updates=2,               # fake-score updates per generator update
+            fake_learning_rate=0.0,       # 0: the generator's learning rate
+            backward_simulation=True,     # train on the generator's own intermediate states
+        ))
+    if stage == "grpo":
+        cfg.grpo = ml_collections.ConfigDict(dict(
+            group_size=4,                 # samples per condition
+            sampling_steps=4 if tiny else 10,
+            train_steps=2 if tiny else 5,  # random subset of sampling steps trained per update
+            noise_level=0.7,              # SDE noise (0 = the ODE)
+            clip_range=1e-4,              # on per-element log-ratios (Flow-GRPO)
+            kl_weight=0.04,
+            inner_updates=2,              # optimizer updates per batch of samples
+            reward_weights=dict(lip_sync=1.0, identity=1.0, motion_style=0.5),
+        ))
+    if stage == "dpo":
+        cfg.dpo = ml_collections.ConfigDict(dict(
+            beta=500.0 if not tiny else 50.0,
+            pairs="auto",                 # "auto": reward-ranked samples; or a JSONL manifest
+            group_size=4,                 # auto pairs: samples per condition
+            sampling_steps=4,
+            min_reward_margin=0.0,        # auto pairs closer than this are not used
+            reward_weights=dict(lip_sync=1.0, identity=1.0, motion_style=0.5),
+        ))

@@ -22,6 +22,9 @@ class TrainState:
     opt_state: Any
     ema: Any | None          # pure dict, or None when EMA is off
     bad_steps: jax.Array     # int32 scalar: non-finite steps in a row (NaN guard)
+    # A second trained model of a stage that has one, as {"params", "opt_state"} (DMD's fake
+    # score); None otherwise. ``params`` above stays the model that inference uses.
+    aux: Any | None = None
 
 
 def create_train_state(params, tx: optax.GradientTransformation, *, use_ema: bool) -> TrainState:

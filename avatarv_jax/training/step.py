@@ -122,7 +122,8 @@ class TrainStepBuilder:
                               nnx.to_pure_dict(self.dit.abstract))
         state = jax.eval_shape(lambda p: TrainState(
             step=jnp.zeros((), jnp.int32), params=p, opt_state=self.tx.init(p),
-            ema=p if self.ema_decay > 0 else None, bad_steps=jnp.zeros((), jnp.int32)), params)
+            ema=p if self.ema_decay > 0 else None, bad_steps=jnp.zeros((), jnp.int32),
+            aux=self.initial_aux(p)), params)
         shardings = self.state_shardings(state)
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             state, shardings)
@@ -130,10 +131,19 @@ class TrainStepBuilder:
     def state_shardings(self, state: TrainState) -> TrainState:
         ps = self.param_shardings()
         replicated = NamedSharding(self.mesh, P())
+        aux = None
+        if state.aux is not None:
+            aux = {"params": ps, "opt_state": mirror_shardings(
+                state.aux["opt_state"], state.aux["params"], ps, self.mesh)}
         return TrainState(
             step=replicated, params=ps,
             opt_state=mirror_shardings(state.opt_state, state.params, ps, self.mesh),
-            ema=None if state.ema is None else ps, bad_steps=replicated)
+            ema=None if state.ema is None else ps, bad_steps=replicated, aux=aux)
+
+    def initial_aux(self, params):
+        """The stage's second trained model and its optimizer state (``TrainState.aux``),
+        built from the DiT parameters; None for stages that train one model."""
+        return None
 
     # -- the step --------------------------------------------------------------------------
     def loss_and_grads(self, params, frozen_params, batch, key):
@@ -149,27 +159,39 @@ class TrainStepBuilder:
     def step_fn(self, state: TrainState, frozen_params, batch):
         with use_rules(self.mesh, self.rules):
             key = jax.random.fold_in(jax.random.key(self.seed), state.step)
-            (loss, terms), grads = self.loss_and_grads(state.params, frozen_params, batch, key)
-            grad_norm = optax.global_norm(grads)
-            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            ema = state.ema
-            if ema is not None:
-                ema = ema_update(ema, params, self.ema_decay)
+            return self.train_step(state, frozen_params, batch, key)
 
-            def guarded(new, old):
-                return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    def train_step(self, state: TrainState, frozen_params, batch, key):
+        """One update; stages 1-3: the flow-matching loss (stages 4-5 override this)."""
+        (loss, terms), grads = self.loss_and_grads(state.params, frozen_params, batch, key)
+        return self.apply_gradients(state, grads, loss, terms)
 
-            new_state = TrainState(
-                step=state.step + 1, params=guarded(params, state.params),
-                opt_state=guarded(opt_state, state.opt_state),
-                ema=None if ema is None else guarded(ema, state.ema),
-                bad_steps=jnp.where(finite, 0, state.bad_steps + 1).astype(jnp.int32))
-            metrics = dict(terms, loss=loss, grad_norm=grad_norm,
-                           learning_rate=self.schedule(state.step),
-                           finite=finite.astype(jnp.float32))
-            return new_state, metrics
+    def apply_gradients(self, state: TrainState, grads, loss, terms, *, aux=None,
+                        aux_finite=True):
+        """Optimizer update, EMA and the NaN guard: a non-finite loss or gradient (or a
+        non-finite ``aux`` update, ``aux_finite``) keeps the old parameters, optimizer state,
+        EMA and aux, and counts the bad step."""
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & aux_finite
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema
+        if ema is not None:
+            ema = ema_update(ema, params, self.ema_decay)
+
+        def guarded(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        new_state = TrainState(
+            step=state.step + 1, params=guarded(params, state.params),
+            opt_state=guarded(opt_state, state.opt_state),
+            ema=None if ema is None else guarded(ema, state.ema),
+            bad_steps=jnp.where(finite, 0, state.bad_steps + 1).astype(jnp.int32),
+            aux=None if aux is None else guarded(aux, state.aux))
+        metrics = dict(terms, loss=loss, grad_norm=grad_norm,
+                       learning_rate=self.schedule(state.step),
+                       finite=finite.astype(jnp.float32))
+        return new_state, metrics
 
     def compile(self, state: TrainState, batch_example: Mapping):
         """The jitted step for states shaped like ``state`` and batches like the example."""

@@ -1,10 +1,13 @@
-"""The training loop of stages 1-3 (DESIGN §5, §10).
+"""The training loop of every stage (DESIGN §5, §10); stages 4-5 bring their own step
+(``posttrain.stages``) and a frozen ``teacher`` DiT.
 
 ``train(cfg, workdir)``:
   1. mesh from ``cfg.mesh``; models built abstractly, parameters initialised directly into
      their shardings;
   2. a checkpoint in the workdir -> resume it (state, frozen models, data iterator), else
-     ``cfg.init_from`` -> parameter surgery from the previous stage, else fresh weights;
+     ``cfg.init_from`` -> parameter surgery from the previous stage (in stages 4-5 that DiT,
+     unchanged, also becomes the frozen teacher), else fresh weights; ``cfg.init_vae`` loads
+     a pre-trained VAE;
   3. the jitted, donated step over the data; the NaN guard, metrics, periodic async
      checkpoints and sample videos; SIGTERM -> save now and return cleanly.
 """
@@ -33,6 +36,7 @@ from avatarv_jax.training.metrics import (MetricsWriter, dit_train_flops, peak_t
 from avatarv_jax.training.optimizer import make_optimizer, optimizer_groups
 from avatarv_jax.training.state import create_train_state
 from avatarv_jax.training.step import ModuleTemplate, TrainStepBuilder, module_params
+from avatarv_jax.training.stage_config import POSTTRAIN_STAGES, data_stage
 from avatarv_jax.training.surgery import transplant
 
 FROZEN = ckpt_lib.FROZEN_MODELS
@@ -85,13 +89,13 @@ def make_data(cfg) -> Iterable:
             latent = (d.resolution // stride, d.resolution // stride, z)
         per_process = int(d.batch_size) // jax.process_count()
         return synthetic_dataset(
-            cfg.stage, num_batches=int(cfg.train.num_steps), batch_size=per_process,
+            data_stage(cfg.stage), num_batches=int(cfg.train.num_steps), batch_size=per_process,
             num_frames=int(d.frames), ref_frames=int(d.ref_frames),
             resolution=int(d.resolution), text_len=int(d.text_length),
             motion_dim=int(cfg.model.motion_dim) or 10,
             seed=int(cfg.train.seed) * 1000 + jax.process_index(), latent_shape=latent)
     from avatarv_jax.data.pipelines import make_pipeline
-    return make_pipeline(cfg.data, cfg.stage, seed=int(cfg.train.seed),
+    return make_pipeline(cfg.data, data_stage(cfg.stage), seed=int(cfg.train.seed),
                          process_index=jax.process_index(), process_count=jax.process_count())
 
 
@@ -135,8 +139,13 @@ def train(cfg, workdir: str | os.PathLike, *, data: Iterable | None = None,
     say = log or (lambda s: writer.log_line(s) if writer else print(s, flush=True))
     write_config(cfg, workdir)
 
+    posttrain = stage in POSTTRAIN_STAGES
     if cfg.init_from:
         ckpt_lib.resolve_step_dir(cfg.init_from)     # a bad path fails before any work
+    init_vae = str(cfg.get("init_vae", "") or "")
+    if init_vae and not os.path.isfile(init_vae):
+        raise FileNotFoundError(f"init_vae: no VAE weights file at {init_vae} (write one with "
+                                "python -m avatarv_jax.training.vae_pretrain)")
     mesh = make_mesh(dict(cfg.mesh))
     seed = int(cfg.train.seed)
     factory.check_compatible(cfg)
@@ -144,10 +153,15 @@ def train(cfg, workdir: str | os.PathLike, *, data: Iterable | None = None,
     templates = {name: ModuleTemplate(m) for name, m in abstract.items()}
     dit_t = templates["dit"]
     frozen_t = {k: templates[k] for k in FROZEN}
+    builder_cls = TrainStepBuilder
+    if posttrain:
+        from avatarv_jax.posttrain.stages import BUILDERS, teacher_template
+        frozen_t["teacher"] = teacher_template(cfg)
+        builder_cls = BUILDERS[stage]
     num_steps = int(cfg.train.num_steps)
     tx, schedule = make_optimizer(cfg.optimizer, dit_t.logical_axes(), num_steps)
-    builder = TrainStepBuilder(dit=dit_t, frozen=frozen_t, tx=tx, schedule=schedule, cfg=cfg,
-                               stage=stage, mesh=mesh)
+    builder = builder_cls(dit=dit_t, frozen=frozen_t, tx=tx, schedule=schedule, cfg=cfg,
+                          stage=stage, mesh=mesh)
     abstract_state = builder.abstract_state()
     state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)
     frozen_sh = builder.frozen_shardings()
@@ -164,6 +178,10 @@ def train(cfg, workdir: str | os.PathLike, *, data: Iterable | None = None,
 
     writer_kwargs = dict(total_steps=num_steps, progress_bar=bool(cfg.train.progress_bar),
                          enabled=is_main)
+    if posttrain and checkpointer.latest_step() is None and not cfg.init_from:
+        raise ValueError(f"stage {stage} starts from a previous stage's checkpoint (its frozen "
+                         "teacher/reference and the student's initial weights): set "
+                         "--config.init_from")
     if checkpointer.latest_step() is not None:
         state, frozen, meta = checkpointer.restore(abstract_state, abstract_frozen, iterator)
         start = int(meta["step"])
@@ -177,20 +195,35 @@ def train(cfg, workdir: str | os.PathLike, *, data: Iterable | None = None,
             models = factory.build_models(cfg, seed=seed)
             return {k: module_params(m) for k, m in models.items()}
 
-        shardings = dict(frozen_sh, dit=builder.param_shardings())
+        shardings = dict({k: frozen_sh[k] for k in FROZEN}, dit=builder.param_shardings())
         params = jax.jit(init, out_shardings=shardings)()
         if cfg.init_from:
+            encoders = {k: abstract_frozen[k] for k in FROZEN}
             prev_dit, prev_frozen, step_dir = load_previous_stage(
-                cfg.init_from, mesh, abstract_frozen, use_ema=bool(cfg.init_from_ema))
+                cfg.init_from, mesh, encoders, use_ema=bool(cfg.init_from_ema))
             carried, report = transplant(prev_dit, params["dit"])
             params["dit"] = jax.device_put(carried, shardings["dit"])
             params.update(prev_frozen)
-            say(f"initialised from {step_dir}: frozen models {sorted(prev_frozen)}")
+            if posttrain:   # the previous stage's DiT, as it was, is the frozen teacher
+                ckpt_lib.check_fits(ckpt_lib._shapes(prev_dit),
+                                    ckpt_lib._shapes(abstract_frozen["teacher"]),
+                                    f"the teacher of {stage} ({step_dir})")
+                params["teacher"] = jax.device_put(prev_dit, frozen_sh["teacher"])
+            say(f"initialised from {step_dir}: frozen models {sorted(prev_frozen)}"
+                + (" + teacher" if posttrain else ""))
             for line in report.lines():
                 say(line)
+        if init_vae:    # a pre-trained VAE replaces the random or inherited one
+            from avatarv_jax.training.vae_pretrain import load_pretrained_vae
+            vae = load_pretrained_vae(init_vae, templates["vae"].merge(params["vae"]))
+            params["vae"] = jax.device_put(module_params(vae), frozen_sh["vae"])
+            say(f"frozen VAE loaded from {init_vae}")
         state = jax.jit(lambda p: create_train_state(p, tx, use_ema=abstract_state.ema is not None),
-                        out_shardings=state_sh)(params["dit"])
-        frozen = {k: params[k] for k in FROZEN}
+                        out_shardings=state_sh.replace(aux=None))(params["dit"])
+        if abstract_state.aux is not None:
+            aux = jax.jit(builder.initial_aux, out_shardings=state_sh.aux)(state.params)
+            state = state.replace(aux=aux)
+        frozen = {k: params[k] for k in frozen_t}
         groups = optimizer_groups(dit_t.logical_axes())
         say(f"{stage}: {len(groups['muon'])} Muon matrices, {len(groups['adamw'])} AdamW "
             f"parameters; mesh {dict(mesh.shape)}")
@@ -210,7 +243,7 @@ def train(cfg, workdir: str | os.PathLike, *, data: Iterable | None = None,
                 except StopIteration:
                     raise RuntimeError(f"the data ran out at step {step} of {num_steps}") from None
                 if step_fn is None:
-                    check_batch(host_batch, stage)
+                    check_batch(host_batch, data_stage(stage))
                 batch = builder.put_batch(host_batch)
                 if step_fn is None:
                     step_fn = builder.compile(state, batch)
@@ -253,6 +286,14 @@ def train(cfg, workdir: str | os.PathLike, *, data: Iterable | None = None,
 
 
 def _batch_flops(cfg, dit_t: ModuleTemplate, batch: Mapping, stage: str) -> float:
+    factor = 1.0
+    if stage in POSTTRAIN_STAGES:
+        from avatarv_jax.posttrain.stages import train_flops_factor
+        factor = train_flops_factor(cfg)
+    return factor * _stage_flops(cfg, batch, data_stage(stage))
+
+
+def _stage_flops(cfg, batch: Mapping, stage: str) -> float:
     dit_cfg = factory.dit_config(cfg)
     stride = factory.vae_config(cfg).spatial_stride
     if "latents" in batch:
