@@ -28,16 +28,16 @@ def guidance_coefficients(text_scale, audio_scale) -> tuple[Any, Any, Any]:
     return 1.0 - text_scale, text_scale - audio_scale, audio_scale
 
 
-def _scale_for(scale, leaf: jax.Array) -> jax.Array:
-    """A scalar, or a per-sample [B] scale broadcast over a [B, ...] leaf (guidance-
-    conditioned distillation draws a scale per sample)."""
-    scale = jnp.asarray(scale, jnp.float32)
-    if scale.ndim == 0:
-        return scale
-    if scale.ndim != 1 or leaf.ndim < 1 or scale.shape[0] != leaf.shape[0]:
-        raise ValueError(f"a guidance scale must be a scalar or [B]; got shape {scale.shape} "
-                         f"for a velocity of shape {leaf.shape}")
-    return scale.reshape(scale.shape + (1,) * (leaf.ndim - 1))
+def per_sample(value, leaf: jax.Array) -> jax.Array:
+    """A scalar, or a per-sample [B] value broadcast over a [B, ...] leaf, in fp32 (guidance-
+    conditioned distillation draws a scale per sample; stages 4-5 use it for noise levels)."""
+    value = jnp.asarray(value, jnp.float32)
+    if value.ndim == 0:
+        return value
+    if value.ndim != 1 or leaf.ndim < 1 or value.shape[0] != leaf.shape[0]:
+        raise ValueError(f"a per-sample value must be a scalar or [B]; got shape "
+                         f"{value.shape} for an array of shape {leaf.shape}")
+    return value.reshape(value.shape + (1,) * (leaf.ndim - 1))
 
 
 def guided_velocity(v_uncond: PyTree, v_text: PyTree, v_full: PyTree, *, text_scale,
@@ -50,7 +50,7 @@ def guided_velocity(v_uncond: PyTree, v_text: PyTree, v_full: PyTree, *, text_sc
     Computed in fp32 and cast back to each leaf's dtype.
     """
     def combine(u, t, f):
-        ts, aus = _scale_for(text_scale, u), _scale_for(audio_scale, u)
+        ts, aus = per_sample(text_scale, u), per_sample(audio_scale, u)
         u32, t32, f32 = (a.astype(jnp.float32) for a in (u, t, f))
         return (u32 + ts * (t32 - u32) + aus * (f32 - t32)).astype(u.dtype)
 

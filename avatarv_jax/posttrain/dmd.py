@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from avatarv_jax.diffusion.samplers import sigma_schedule
-from avatarv_jax.posttrain.sde import per_sample
+from avatarv_jax.diffusion.guidance import per_sample
 
 PyTree = Any
 VelocityFn = Callable[[PyTree, jax.Array], PyTree]

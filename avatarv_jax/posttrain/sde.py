@@ -29,6 +29,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from avatarv_jax.diffusion.guidance import per_sample
+
 PyTree = Any
 VelocityFn = Callable[[PyTree, jax.Array], PyTree]
 
@@ -41,17 +43,6 @@ class SDETrajectory:
     states: PyTree
     logprobs: jax.Array
     means: PyTree = None
-
-
-def per_sample(value: jax.Array, leaf: jax.Array) -> jax.Array:
-    """A scalar or [B] value shaped to broadcast over a [B, ...] leaf."""
-    value = jnp.asarray(value, jnp.float32)
-    if value.ndim == 0:
-        return value
-    if value.ndim != 1 or leaf.ndim < 1 or value.shape[0] != leaf.shape[0]:
-        raise ValueError(f"expected a scalar or [B] value, got shape {value.shape} for an "
-                         f"array of shape {leaf.shape}")
-    return value.reshape(value.shape + (1,) * (leaf.ndim - 1))
 
 
 def diffusion_coefficient(sigma, sigma_next, noise_level, max_sigma=None) -> jax.Array:
