@@ -19,7 +19,7 @@ on real video (LSE-C, face similarity) run on the host in ``avatarv_jax.eval``.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -112,6 +112,3 @@ class ProbeRewards:
         ref_std = ref_motion[..., _STYLE_FIELDS].std(1) / _RANGE[_STYLE_FIELDS]
         style = -jnp.abs(std - ref_std).mean(-1)
         return {"lip_sync": lip, "identity": identity, "motion_style": style}
-
-
-RewardFn = Callable[[jax.Array, Mapping[str, jax.Array], jax.Array], dict]

@@ -250,12 +250,14 @@ class DMDStep(PosttrainStep):
             v = velocity_fn(self.dit, p, cond, guidance=guidance)(x_k, sigma_k)
             return jax.tree.map(lambda x, vv: dmd.predicted_x0(x, vv, sigma_k), x_k, v)
 
-        x0_gen = jax.lax.stop_gradient(generate(state.params))
+        # One generator forward serves both: its frames for the scores, its VJP for the update.
+        x0_gen, pullback = jax.vjp(generate, state.params)
+        x0_gen = jax.lax.stop_gradient(x0_gen)
 
         # Fake score: flow matching on the generator's frames.
         fake = state.aux
         fake_finite = jnp.array(True)
-        for j, kj in enumerate(jax.random.split(k_fake, int(self.cfg.dmd.fake_updates))):
+        for kj in jax.random.split(k_fake, int(self.cfg.dmd.fake_updates)):
             k_s, k_n = jax.random.split(kj)
             sig = _sigmas_per_sample(k_s, b, self.cfg, cond.batch.latents, self.dit_cfg)
             noise = _normal_like(k_n, x0_gen)
@@ -279,10 +281,11 @@ class DMDStep(PosttrainStep):
         v_fake = jax.lax.stop_gradient(velocity_fn(
             self.dit, fake["params"], cond, guidance=guidance)(x_t, sig))
 
-        def gen_loss(p):
-            return dmd.dmd_generator_loss(generate(p), x_t, sig, v_real, v_fake)
+        def gen_loss(x0):
+            return dmd.dmd_generator_loss(x0, x_t, sig, v_real, v_fake)
 
-        (loss, terms), grads = jax.value_and_grad(gen_loss, has_aux=True)(state.params)
+        (loss, terms), grad_x0 = jax.value_and_grad(gen_loss, has_aux=True)(x0_gen)
+        (grads,) = pullback(grad_x0)
         terms = {"dmd_grad_rms": terms["grad_norm"], "dmd_normalizer": terms["normalizer"],
                  "fake_loss": lf, "sigma_start": sigma_k}
         return self.apply_gradients(state, grads, loss, terms, aux=fake,
@@ -321,6 +324,11 @@ class GRPOStep(_RewardedStep):
     ratio on a random subset of the sampling steps, and a KL tie to the frozen reference."""
 
     section = "grpo"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if int(self.cfg.grpo.inner_updates) < 1:
+            raise ValueError(f"grpo.inner_updates must be >= 1, got {self.cfg.grpo.inner_updates}")
 
     def train_step(self, state, frozen_params, batch, key):
         g = self.cfg.grpo
@@ -369,7 +377,6 @@ class GRPOStep(_RewardedStep):
 
         extra = {"reward": reward.mean(), **{f"reward_{k}": v.mean() for k, v in parts.items()}}
         s = state
-        metrics = {}
         for _ in range(int(g.inner_updates)):
             (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(s.params)
             s, metrics = self.apply_gradients(s, grads, loss, dict(terms, **extra))
@@ -443,8 +450,8 @@ class DPOStep(_RewardedStep):
 def train_flops_factor(cfg) -> float:
     """A step's DiT FLOPs in units of a stage-3 training step on the same batch (forward and
     backward = 3 forward passes). Counted passes: distill_cfg 3 teacher + 3 student;
-    distill_dmd (n-1)/2 backward-simulation steps on average, 1 generation, 3 per fake update,
-    real and fake scores, 3 generator; grpo G x (S sampling + inner x T x (3 + 1 reference));
+    distill_dmd (n-1)/2 backward-simulation steps on average, 3 per fake update, real and
+    fake scores, 3 generator (its one forward and the backward); grpo G x (S sampling + inner x T x (3 + 1 reference));
     dpo G x S sampling + 2 reference + 2 x 3 policy."""
     stage = cfg.stage
     if stage == "distill_cfg":
@@ -452,7 +459,7 @@ def train_flops_factor(cfg) -> float:
     elif stage == "distill_dmd":
         n = int(cfg.sampling.num_steps)
         sim = (n - 1) / 2 if cfg.dmd.backward_simulation else 0.0
-        passes = sim + 1 + 3 * int(cfg.dmd.fake_updates) + 2 + 3
+        passes = sim + 3 * int(cfg.dmd.fake_updates) + 2 + 3
     elif stage == "grpo":
         g = cfg.grpo
         passes = int(g.group_size) * (int(g.sampling_steps)

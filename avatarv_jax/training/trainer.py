@@ -247,7 +247,7 @@ def train(cfg, workdir: str | os.PathLike, *, data: Iterable | None = None,
                 batch = builder.put_batch(host_batch)
                 if step_fn is None:
                     step_fn = builder.compile(state, batch)
-                    step_flops = _batch_flops(cfg, dit_t, batch, stage)
+                    step_flops = _batch_flops(cfg, batch, stage)
                 first = step == start
                 state, metrics = step_fn(state, frozen, batch)
                 step += 1
@@ -285,7 +285,7 @@ def train(cfg, workdir: str | os.PathLike, *, data: Iterable | None = None,
     return {"step": step, "stopped": stopped, "state": state}
 
 
-def _batch_flops(cfg, dit_t: ModuleTemplate, batch: Mapping, stage: str) -> float:
+def _batch_flops(cfg, batch: Mapping, stage: str) -> float:
     factor = 1.0
     if stage in POSTTRAIN_STAGES:
         from avatarv_jax.posttrain.stages import train_flops_factor
