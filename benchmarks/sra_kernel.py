@@ -2,6 +2,11 @@
 
     python benchmarks/sra_kernel.py                 # GPU: the issue's shapes (GEN = 32,760)
     python benchmarks/sra_kernel.py --quick         # tiny shapes (what runs on a CPU)
+    python benchmarks/sra_kernel.py --tune          # GPU: pick the kernel's tiles first
+
+``--tune`` times the kernel at the first reference length over a grid of tile sizes, warps and
+pipeline stages (forward tiles by forward time, then backward tiles by forward+backward time)
+and uses the fastest for every row; the grid's times are saved with the results.
 
 For a fixed GEN length and reference lengths of 1x..16x of it, times the forward and the
 forward+backward of:
@@ -22,6 +27,7 @@ and, when matplotlib is installed, a PNG of time and TFLOP/s against reference l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -80,6 +86,61 @@ def dense_fits(layout: SRALayout, batch: int, heads: int) -> bool:
     return need < 0.4 * limit
 
 
+FORWARD_TILES = [(bq, bk, warps, stages) for bq in (64, 128) for bk in (64, 128)
+                 for warps in (4, 8) for stages in (2, 3)]
+BACKWARD_TILES = [(bq, bk, warps, stages) for bq, bk in ((32, 64), (64, 64), (64, 128))
+                  for warps in (4, 8) for stages in (2, 3)]
+
+
+def parse_blocks(text: str) -> BlockSizes:
+    """'q,k,q_bwd,k_bwd[,warps,stages[,warps_bwd,stages_bwd]]' -> BlockSizes."""
+    values = [int(v) for v in text.split(",")]
+    if len(values) not in (4, 6, 8):
+        raise ValueError("--blocks takes 4, 6 or 8 integers: "
+                         "q,k,q_bwd,k_bwd[,warps,stages[,warps_bwd,stages_bwd]]")
+    return BlockSizes(*values)
+
+
+def tune(layout: SRALayout, inputs, repeats: int) -> tuple[BlockSizes, list]:
+    """Fastest forward tiles (by forward time), then fastest backward tiles with them."""
+    trials = []
+
+    def attempt(blocks, phase):
+        impl = implementations(layout, blocks, on_gpu=False)["pallas"]
+        try:
+            t_fwd, t_both = (bench_one("pallas", impl, inputs, repeats) if phase == "backward"
+                             else (time_call(jax.jit(impl), inputs, repeats)[1], None))
+        except Exception as e:  # noqa: BLE001 - a tile set that does not compile is skipped
+            print(f"  tune {blocks}: {type(e).__name__}: {str(e)[:120]}")
+            trials.append({"blocks": vars_of(blocks), "phase": phase, "error": str(e)[:200]})
+            return None
+        t = t_both if phase == "backward" else t_fwd
+        trials.append({"blocks": vars_of(blocks), "phase": phase, "seconds": t})
+        print(f"  tune {phase:8s} {vars_of(blocks)}: {t * 1e3:.2f} ms")
+        return t
+
+    best, best_t = None, float("inf")
+    for bq, bk, warps, stages in FORWARD_TILES:
+        blocks = BlockSizes(bq, bk, num_warps=warps, num_stages=stages)
+        t = attempt(blocks, "forward")
+        if t is not None and t < best_t:
+            best, best_t = blocks, t
+    if best is None:
+        raise RuntimeError("no forward tile set compiled")
+    fwd_best, best_t = best, float("inf")
+    for bq, bk, warps, stages in BACKWARD_TILES:
+        blocks = dataclasses.replace(fwd_best, block_q_bwd=bq, block_k_bwd=bk,
+                                     num_warps_bwd=warps, num_stages_bwd=stages)
+        t = attempt(blocks, "backward")
+        if t is not None and t < best_t:
+            best, best_t = blocks, t
+    return best, trials
+
+
+def vars_of(blocks: BlockSizes) -> dict:
+    return dataclasses.asdict(blocks)
+
+
 def time_call(fn, args, repeats: int) -> tuple[float, float]:
     """(compile+first-run seconds, median seconds of ``repeats`` runs)."""
     start = time.perf_counter()
@@ -121,6 +182,11 @@ def main(argv=None) -> int:
     parser.add_argument("--ref_window", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--impls", default="pallas,xla,cudnn")
+    parser.add_argument("--blocks", default=None,
+                        help="kernel tiles q,k,q_bwd,k_bwd[,warps,stages[,warps_bwd,"
+                             "stages_bwd]] (default: the kernel's own; on CPU 32,32,32,32)")
+    parser.add_argument("--tune", action="store_true",
+                        help="pick the tiles by timing a grid at the first reference length")
     parser.add_argument("--out", default=None,
                         help="JSON path (default: results/sra_kernel_<device>.json)")
     args = parser.parse_args(argv)
@@ -141,9 +207,14 @@ def main(argv=None) -> int:
     dev = jax.devices()[0]
     on_gpu = dev.platform == "gpu"
     dtype = jnp.dtype(args.dtype)
-    blocks = None if on_gpu else BlockSizes(32, 32, 32, 32)
+    try:
+        blocks = parse_blocks(args.blocks) if args.blocks else (
+            None if on_gpu else BlockSizes(32, 32, 32, 32))
+    except ValueError as e:
+        print(f"--blocks: {e}", file=sys.stderr)
+        return 2
 
-    rows = []
+    rows, trials = [], []
     for m in multiples:
         layout = SRALayout(m * args.gen_frames, args.gen_frames, args.tokens_per_frame,
                            ref_window=args.ref_window)
@@ -151,6 +222,9 @@ def main(argv=None) -> int:
         lens = [layout.ref_len] * 3 + [layout.gen_len] * 3
         inputs = [jax.random.normal(k, (args.batch, n, args.heads, args.head_dim), dtype)
                   for k, n in zip(keys, lens)]
+        if args.tune and not trials:
+            blocks, trials = tune(layout, inputs, args.repeats)
+            print(f"tuned tiles: {vars_of(blocks)}")
         pairs = layout.allowed_pairs() * args.batch * args.heads
         flops_fwd = 4 * pairs * args.head_dim
         row = {"ref_multiple": m, "ref_len": layout.ref_len, "gen_len": layout.gen_len,
@@ -186,7 +260,8 @@ def main(argv=None) -> int:
     result = {"device": device_name(), "jax": jax.__version__,
               "interpret_mode": not on_gpu and dev.platform != "tpu",
               "config": {k: v for k, v in vars(args).items() if k != "out"},
-              "rows": rows, "linearity": linearity}
+              "blocks": vars_of(blocks) if blocks else vars_of(BlockSizes()),
+              "tuning": trials, "rows": rows, "linearity": linearity}
     path = write_json(result, args.out or os.path.join(RESULTS, f"sra_kernel_{device_tag()}.json"),
                       indent=2)
     print(f"device: {result['device']}\nlinearity: {linearity}\nwrote {path}")

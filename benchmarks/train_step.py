@@ -2,7 +2,9 @@
 
     python benchmarks/train_step.py                       # CPU: tiny sft step, pixels in
     python benchmarks/train_step.py --model avatar_v_1_3b --gpu-figure
-        # the GPU figure: 1.3B, 480p (480x832), 81 frames, REF of 8 latent frames, bf16
+        # the GPU figure: 1.3B, 480p (480x832), 81 frames, REF of 8 latent frames, bf16,
+        # attention by the Pallas SRA kernel (the dense-mask reference needs ~100 GB of logits),
+        # full remat (the preset's "dots" policy needs ~107 GB on one device)
 
 Writes ``benchmarks/results/train_step_<device>.json``. Times are the median of ``--steps``
 steps after one warm-up (compile) step. FLOPs come from the explicit formula in
@@ -24,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from avatarv_jax.models import factory
+from avatarv_jax.models.dit import DiT
 from avatarv_jax.parallel.mesh import make_mesh
 from avatarv_jax.training.metrics import dit_train_flops, peak_tflops
 from avatarv_jax.training.optimizer import make_optimizer
@@ -31,7 +34,7 @@ from avatarv_jax.training.stage_config import stage_config
 from avatarv_jax.training.state import create_train_state
 from avatarv_jax.training.step import ModuleTemplate, TrainStepBuilder, module_params
 from avatarv_jax.training.synthetic import synthetic_batch
-from avatarv_jax.tools.bench_io import device_name, write_json
+from avatarv_jax.tools.bench_io import device_name, device_tag, write_json
 
 
 def main():
@@ -49,6 +52,12 @@ def main():
                         help="480x832, 81 frames, REF 29 frames (8 latent), batch 1, features in")
     parser.add_argument("--features", action="store_true",
                         help="precomputed latents, text and audio features (no frozen encoders)")
+    parser.add_argument("--attention-impl", default=None, choices=("xla", "pallas"),
+                        help="attention of the DiT (default: the config's; pallas with "
+                             "--gpu-figure)")
+    parser.add_argument("--remat", default=None, choices=("none", "dots", "full"),
+                        help="remat policy of the DiT (default: the config's; full with "
+                             "--gpu-figure, where the 1.3B preset's dots needs ~107 GB)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     features = args.gpu_figure or args.features
@@ -58,6 +67,12 @@ def main():
 
     cfg = stage_config(args.stage, args.model)
     cfg.optimizer.warmup_steps = 0
+    impl = args.attention_impl or ("pallas" if args.gpu_figure else None)
+    if impl:
+        cfg.model.attention_impl = impl
+    remat = args.remat or ("full" if args.gpu_figure else None)
+    if remat:
+        cfg.model.remat_policy = remat
     dit_cfg = factory.dit_config(cfg)
     stride = factory.vae_config(cfg).spatial_stride
     mesh = make_mesh(dict(cfg.mesh))
@@ -70,6 +85,8 @@ def main():
                                tx=tx, schedule=schedule, cfg=cfg, stage=args.stage, mesh=mesh)
 
     def init():
+        if not frozen_names:   # features in: only the DiT exists in the step
+            return module_params(DiT(dit_cfg, rngs=nnx.Rngs(0))), {}
         models = factory.build_models(cfg)
         return module_params(models["dit"]), {k: module_params(models[k]) for k in frozen_names}
 
@@ -120,6 +137,7 @@ def main():
                             motion=args.stage == "sft", audio=args.stage != "t2v",
                             ref_audio=args.stage == "sft")
     peak = peak_tflops(jax.devices()[0].device_kind)
+    memory = jax.devices()[0].memory_stats() or {}
     tflops = flops / step_s / jax.device_count() / 1e12
     result = {
         "device": device_name(), "num_devices": jax.device_count(), "model": args.model,
@@ -132,11 +150,14 @@ def main():
         "step_s_all": times, "model_tflop_per_step": flops / 1e12,
         "tflops_per_device": tflops, "peak_tflops_per_device": peak,
         "mfu": tflops / peak if peak else None, "loss": float(metrics["loss"]),
+        "attention_impl": dit_cfg.attention_impl,
+        "peak_memory_gib": (memory["peak_bytes_in_use"] / 2 ** 30
+                            if "peak_bytes_in_use" in memory else None),
         "jax": jax.__version__,
     }
     print(json.dumps(result, indent=2))
     os.makedirs(args.out, exist_ok=True)
-    tag = jax.devices()[0].platform + ("_" + args.model if args.model != "tiny" else "") + (
+    tag = device_tag() + ("_" + args.model if args.model != "tiny" else "") + (
         "_features" if features and not args.gpu_figure else "")
     path = os.path.join(args.out, f"train_step_{tag}.json")
     write_json(result, path, indent=2)

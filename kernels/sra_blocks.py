@@ -14,6 +14,9 @@ For one query segment and one key segment (a "source") the tables hold:
   ranges. Ranges grow monotonically with the row, so the union is one contiguous run.
 - ``transposed``: per key block, the query blocks ``[first, last)`` that visit it (what the
   dK/dV pass loops over); contiguous for the same reason.
+- ``interior`` / ``transposed_interior``: the part of those runs where the key block lies
+  wholly inside the range of every real row of the query block, so the kernels skip the mask
+  there (only the blocks at the edges of a range are masked). Also contiguous, also static.
 
 ``ref_valid_frames`` (a traced [B] int) only ever shortens the REF range of GEN rows to
 ``[0, valid * T)``; kernels apply that clamp at run time (:func:`clamp_ref_blocks`), so the
@@ -44,6 +47,8 @@ class SourceTables:
     rows: np.ndarray        # [q_rows_padded, 2] int32 token range per query row
     blocks: np.ndarray      # [num_q_blocks, 2] int32 key-block range per query block
     transposed: np.ndarray  # [num_k_blocks, 2] int32 query-block range per key block
+    interior: np.ndarray    # [num_q_blocks, 2] the unmasked sub-run of ``blocks``
+    transposed_interior: np.ndarray  # [num_k_blocks, 2] the unmasked sub-run of ``transposed``
 
     @property
     def clamped(self) -> bool:
@@ -85,16 +90,32 @@ def source_tables(layout: SRALayout, query: str, source: str, block_q: int,
         r = r[r[:, 1] > r[:, 0]]
         if len(r):
             blocks[i] = (r[:, 0].min() // block_k, cdiv(int(r[:, 1].max()), block_k))
+    interior = np.zeros((num_qb, 2), np.int32)
+    for i in range(num_qb):
+        real = rows[i * block_q:min((i + 1) * block_q, n_q)]   # padding rows are don't-care
+        first, last = blocks[i]
+        a = min(max(cdiv(int(real[:, 0].max()), block_k), first), last)
+        interior[i] = (a, min(max(int(real[:, 1].min()) // block_k, a), last))
+    transposed = _transpose(blocks, num_kb, "seeing")
+    transposed_interior = _transpose(interior, num_kb, "seeing unmasked")
+    for j in range(num_kb):    # an empty interior run sits at the start of the visiting run
+        if transposed_interior[j, 0] == transposed_interior[j, 1]:
+            transposed_interior[j] = transposed[j, 0]
+    for arr in (rows, blocks, transposed, interior, transposed_interior):
+        arr.setflags(write=False)
+    return SourceTables(query, source, rows, blocks, transposed, interior, transposed_interior)
+
+
+def _transpose(blocks: np.ndarray, num_kb: int, what: str) -> np.ndarray:
+    """Per key block j, the contiguous run of query blocks i with blocks[i, 0] <= j < blocks[i, 1]."""
     transposed = np.zeros((num_kb, 2), np.int32)
     for j in range(num_kb):
         seen_by = np.flatnonzero((blocks[:, 0] <= j) & (j < blocks[:, 1]))
         if len(seen_by):
             if seen_by[-1] - seen_by[0] + 1 != len(seen_by):
-                raise AssertionError(f"query blocks seeing key block {j} are not contiguous")
+                raise AssertionError(f"query blocks {what} key block {j} are not contiguous")
             transposed[j] = (seen_by[0], seen_by[-1] + 1)
-    for arr in (rows, blocks, transposed):
-        arr.setflags(write=False)
-    return SourceTables(query, source, rows, blocks, transposed)
+    return transposed
 
 
 def clamp_ref_blocks(blocks: np.ndarray, ref_limit, block_k: int):

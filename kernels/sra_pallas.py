@@ -37,17 +37,26 @@ from avatarv_jax.kernels.sra_reference import _check_shapes
 
 _NEG = -1e30           # finite "minus infinity": masked logits, running max of empty rows
 _MIN_BLOCK = 16        # Triton's smallest dot tile
+_LOG2E = 1.4426950408889634   # softmax in base 2: exp2 is one fast instruction on the GPU
+_LN2 = 0.6931471805599453
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tile sizes (powers of two). Each is capped by the padded segment length."""
+    """Tile sizes (powers of two), each capped by the padded segment length, and the GPU's
+    warps and pipeline stages of the forward and the backward kernels.
+
+    The defaults are the fastest of ``benchmarks/sra_kernel.py --tune`` on an H100 at head
+    dim 128 (bf16, GEN 32,760 tokens; results/sra_kernel_nvidia_h100_80gb_hbm3_tuned.json).
+    """
     block_q: int = 128
     block_k: int = 64
     block_q_bwd: int = 64
     block_k_bwd: int = 64
-    num_warps: int | None = None     # GPU only; None: 4 for head dim <= 64, else 8
+    num_warps: int | None = 4        # GPU only; None: 4 for head dim <= 64, else 8
     num_stages: int = 2
+    num_warps_bwd: int = 4
+    num_stages_bwd: int = 2
 
     def __post_init__(self):
         for f in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
@@ -128,11 +137,14 @@ def _row_mask(start, size, row_lo, row_hi):
     return (pos >= row_lo[:, None]) & (pos < row_hi[:, None])
 
 
-def _compiler_params(st: _Static):
+def _compiler_params(st: _Static, backward: bool):
     if st.interpret:
         return None
-    warps = st.blocks.num_warps or (4 if st.padded_dim <= 64 else 8)
-    return pltriton.CompilerParams(num_warps=warps, num_stages=st.blocks.num_stages)
+    b = st.blocks
+    if backward:
+        return pltriton.CompilerParams(num_warps=b.num_warps_bwd, num_stages=b.num_stages_bwd)
+    warps = b.num_warps or (4 if st.padded_dim <= 64 else 8)
+    return pltriton.CompilerParams(num_warps=warps, num_stages=b.num_stages)
 
 
 def _row_specs(rows: np.ndarray, block: int | None):
@@ -147,8 +159,23 @@ def _row_specs(rows: np.ndarray, block: int | None):
 
 # ----------------------------------------------------------------------------- forward
 
+def _runs(table_ref, clamp, limit, bk):
+    """(first, a, b, last): key blocks [first, last) to visit, [a, b) of them unmasked.
+
+    The table row holds the static run and its interior; the REF limit of GEN rows
+    (``ref_valid_frames``) shortens both at run time.
+    """
+    first, last, a, b = table_ref[0], table_ref[1], table_ref[2], table_ref[3]
+    if clamp:
+        last = jnp.minimum(last, lax.div(limit + bk - 1, bk))
+        b = jnp.minimum(b, lax.div(limit, bk))
+    a = jnp.minimum(a, last)
+    return first, a, jnp.minimum(jnp.maximum(b, a), last), last
+
+
 def _forward_kernel(*refs, clamped, block_k, scale, count):
-    """One query block: online softmax over the key blocks of each source's range."""
+    """One query block: online softmax (base 2) over the key blocks of each source's range;
+    only the blocks at the edges of a range pay for the token mask."""
     it = iter(refs)
     q_ref = next(it)
     sources = [tuple(next(it) for _ in range(5)) for _ in clamped]  # k, v, table, lo, hi
@@ -162,35 +189,41 @@ def _forward_kernel(*refs, clamped, block_k, scale, count):
              jnp.zeros(q.shape, jnp.float32))
     visited = jnp.int32(0)
     for (k_ref, v_ref, table_ref, lo_ref, hi_ref), clamp, bk in zip(sources, clamped, block_k):
-        first, last = table_ref[0], table_ref[1]
         row_lo, row_hi = lo_ref[...], hi_ref[...]
+        limit = limit_ref[0] if clamp else None
         if clamp:                                   # ref_valid_frames: REF cut for GEN rows
-            limit = limit_ref[0]
             row_hi = jnp.minimum(row_hi, limit)
-            last = jnp.minimum(last, lax.div(limit + bk - 1, bk))
+        first, a, b, last = _runs(table_ref, clamp, limit, bk)
 
-        def body(j, carry, k_ref=k_ref, v_ref=v_ref, row_lo=row_lo, row_hi=row_hi, bk=bk):
+        def body(j, carry, masked, k_ref=k_ref, v_ref=v_ref, row_lo=row_lo, row_hi=row_hi,
+                 bk=bk):
             m_prev, l_prev, acc = carry
             start = j * bk
             k = k_ref[pl.ds(start, bk), :]
             v = v_ref[pl.ds(start, bk), :]
-            mask = _row_mask(start, bk, row_lo, row_hi)
-            s = jnp.where(mask, _dot_nt(q, k) * scale, _NEG)
+            s = _dot_nt(q, k) * (scale * _LOG2E)
+            if masked:
+                mask = _row_mask(start, bk, row_lo, row_hi)
+                s = jnp.where(mask, s, _NEG)
             m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-            correction = jnp.exp(m_prev - m_next)
-            p = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)
+            correction = jnp.exp2(m_prev - m_next)
+            p = jnp.exp2(s - m_next[:, None])
+            if masked:
+                p = jnp.where(mask, p, 0.0)
             l_next = l_prev * correction + jnp.sum(p, axis=1)
             acc = acc * correction[:, None] + _dot_nn(p.astype(v.dtype), v)
             return m_next, l_next, acc
 
-        carry = lax.fori_loop(first, last, body, carry)
+        carry = lax.fori_loop(first, a, functools.partial(body, masked=True), carry)
+        carry = lax.fori_loop(a, b, functools.partial(body, masked=False), carry)
+        carry = lax.fori_loop(b, last, functools.partial(body, masked=True), carry)
         visited = visited + jnp.maximum(last - first, 0)
 
     m, denom, acc = carry
     seen = denom > 0.0                               # padding rows see nothing
     l_safe = jnp.where(seen, denom, 1.0)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), _NEG)
+    lse_ref[...] = jnp.where(seen, m * _LN2 + jnp.log(l_safe), _NEG)
     if count_ref is not None:
         count_ref[...] = jnp.full(count_ref.shape, visited, jnp.int32)
 
@@ -210,8 +243,9 @@ def _add_key_operands(st: _Static, query: str, bq: int, kv: dict, limit, inputs:
         k, v = (_pad_tokens(x, bk, dp) for x in kv[source])
         full = pl.BlockSpec((None, k.shape[1], None, dp), lambda i, b, h: (b, 0, h, 0))
         row_arrays, row_specs = _row_specs(tab.rows, bq)
-        inputs += [k, v, jnp.asarray(tab.blocks)] + row_arrays
-        specs += [full, full, pl.BlockSpec((None, 2), lambda i, b, h: (i, 0))] + row_specs
+        table = np.concatenate([tab.blocks, tab.interior], axis=1)
+        inputs += [k, v, jnp.asarray(table)] + row_arrays
+        specs += [full, full, pl.BlockSpec((None, 4), lambda i, b, h: (i, 0))] + row_specs
         clamped.append(tab.clamped)
         block_k.append(bk)
     if any(clamped):
@@ -242,7 +276,8 @@ def _forward_segment(st: _Static, query: str, q, kv: dict, limit, *, count: bool
                                scale=st.scale, count=count)
     outs = pl.pallas_call(
         kernel, grid=(num_qb, batch, heads), in_specs=specs, out_specs=out_specs,
-        out_shape=out_shape, compiler_params=_compiler_params(st), interpret=st.interpret,
+        out_shape=out_shape, compiler_params=_compiler_params(st, backward=False),
+        interpret=st.interpret,
         name=f"sra_forward_{query}")(*inputs)
     o, lse = outs[0][:, :n_q, :, :st.head_dim], outs[1][:, :, :n_q]
     return (o, lse, outs[2]) if count else (o, lse)
@@ -251,7 +286,7 @@ def _forward_segment(st: _Static, query: str, q, kv: dict, limit, *, count: bool
 # ----------------------------------------------------------------------------- backward
 
 def _dq_kernel(*refs, clamped, block_k, scale):
-    """dQ of one query block over the same key blocks as the forward."""
+    """dQ of one query block over the same key blocks (and unmasked interiors) as the forward."""
     it = iter(refs)
     q_ref, do_ref, lse_ref, delta_ref = next(it), next(it), next(it), next(it)
     sources = [tuple(next(it) for _ in range(5)) for _ in clamped]
@@ -259,31 +294,34 @@ def _dq_kernel(*refs, clamped, block_k, scale):
     dq_ref = next(it)
 
     q, do = q_ref[...], do_ref[...]
-    lse, delta = lse_ref[...], delta_ref[...]
+    lse2, delta = lse_ref[...] * _LOG2E, delta_ref[...]
     dq = jnp.zeros(q.shape, jnp.float32)
     for (k_ref, v_ref, table_ref, lo_ref, hi_ref), clamp, bk in zip(sources, clamped, block_k):
-        first, last = table_ref[0], table_ref[1]
         row_lo, row_hi = lo_ref[...], hi_ref[...]
+        limit = limit_ref[0] if clamp else None
         if clamp:
-            limit = limit_ref[0]
             row_hi = jnp.minimum(row_hi, limit)
-            last = jnp.minimum(last, lax.div(limit + bk - 1, bk))
+        first, a, b, last = _runs(table_ref, clamp, limit, bk)
 
-        def body(j, dq, k_ref=k_ref, v_ref=v_ref, row_lo=row_lo, row_hi=row_hi, bk=bk):
+        def body(j, dq, masked, k_ref=k_ref, v_ref=v_ref, row_lo=row_lo, row_hi=row_hi, bk=bk):
             start = j * bk
             k = k_ref[pl.ds(start, bk), :]
             v = v_ref[pl.ds(start, bk), :]
-            mask = _row_mask(start, bk, row_lo, row_hi)
-            p = jnp.where(mask, jnp.exp(_dot_nt(q, k) * scale - lse[:, None]), 0.0)
+            p = jnp.exp2(_dot_nt(q, k) * (scale * _LOG2E) - lse2[:, None])
+            if masked:
+                p = jnp.where(_row_mask(start, bk, row_lo, row_hi), p, 0.0)
             ds = p * (_dot_nt(do, v) - delta[:, None])
             return dq + _dot_nn(ds.astype(k.dtype), k)
 
-        dq = lax.fori_loop(first, last, body, dq)
+        dq = lax.fori_loop(first, a, functools.partial(body, masked=True), dq)
+        dq = lax.fori_loop(a, b, functools.partial(body, masked=False), dq)
+        dq = lax.fori_loop(b, last, functools.partial(body, masked=True), dq)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(*refs, clamped, block_q, block_k, scale):
-    """dK, dV of one key block over the query blocks (of each query segment) that see it."""
+    """dK, dV of one key block over the query blocks (of each query segment) that see it;
+    the mask only where the key block is not inside every row's range."""
     it = iter(refs)
     k_ref, v_ref = next(it), next(it)
     queries = [tuple(next(it) for _ in range(7)) for _ in clamped]  # q do lse delta tab lo hi
@@ -295,29 +333,35 @@ def _dkv_kernel(*refs, clamped, block_q, block_k, scale):
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     for (q_ref, do_ref, lse_ref, delta_ref, table_ref, lo_ref, hi_ref), clamp, bq in zip(
             queries, clamped, block_q):
-        first, last = table_ref[0], table_ref[1]
+        first, last, a, b = table_ref[0], table_ref[1], table_ref[2], table_ref[3]
         limit = None
-        if clamp:                                    # a REF block past the limit: no GEN row
+        if clamp:                  # a REF block past the limit: no GEN row; across it: masked
             limit = limit_ref[0]
             last = jnp.where(key_start < limit, last, first)
+            b = jnp.where(key_start + block_k <= limit, b, a)
+        a = jnp.minimum(jnp.maximum(a, first), last)
+        b = jnp.minimum(jnp.maximum(b, a), last)
 
-        def body(i, carry, q_ref=q_ref, do_ref=do_ref, lse_ref=lse_ref, delta_ref=delta_ref,
-                 lo_ref=lo_ref, hi_ref=hi_ref, limit=limit, bq=bq):
+        def body(i, carry, masked, q_ref=q_ref, do_ref=do_ref, lse_ref=lse_ref,
+                 delta_ref=delta_ref, lo_ref=lo_ref, hi_ref=hi_ref, limit=limit, bq=bq):
             dk, dv = carry
             rows = pl.ds(i * bq, bq)
             q, do = q_ref[rows, :], do_ref[rows, :]
-            lse, delta = lse_ref[rows], delta_ref[rows]
-            row_lo, row_hi = lo_ref[rows], hi_ref[rows]
-            if limit is not None:
-                row_hi = jnp.minimum(row_hi, limit)
-            mask = _row_mask(key_start, block_k, row_lo, row_hi)
-            p = jnp.where(mask, jnp.exp(_dot_nt(q, k) * scale - lse[:, None]), 0.0)
+            lse2, delta = lse_ref[rows] * _LOG2E, delta_ref[rows]
+            p = jnp.exp2(_dot_nt(q, k) * (scale * _LOG2E) - lse2[:, None])
+            if masked:
+                row_lo, row_hi = lo_ref[rows], hi_ref[rows]
+                if limit is not None:
+                    row_hi = jnp.minimum(row_hi, limit)
+                p = jnp.where(_row_mask(key_start, block_k, row_lo, row_hi), p, 0.0)
             dv = dv + _dot_tn(p.astype(do.dtype), do)
             ds = p * (_dot_nt(do, v) - delta[:, None])
             dk = dk + _dot_tn(ds.astype(q.dtype), q)
             return dk, dv
 
-        carry = lax.fori_loop(first, last, body, carry)
+        carry = lax.fori_loop(first, a, functools.partial(body, masked=True), carry)
+        carry = lax.fori_loop(a, b, functools.partial(body, masked=False), carry)
+        carry = lax.fori_loop(b, last, functools.partial(body, masked=True), carry)
     dk, dv = carry
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -339,7 +383,7 @@ def _dq_segment(st: _Static, query: str, q, do, lse, delta, kv: dict, limit):
     dq = pl.pallas_call(
         kernel, grid=(num_qb, batch, heads), in_specs=specs, out_specs=row_block,
         out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
-        compiler_params=_compiler_params(st), interpret=st.interpret,
+        compiler_params=_compiler_params(st, backward=True), interpret=st.interpret,
         name=f"sra_dq_{query}")(*inputs)
     return dq[:, :n_q, :, :st.head_dim]
 
@@ -361,10 +405,11 @@ def _dkv_segment(st: _Static, source: str, k, v, per_query: dict, limit):
         full = pl.BlockSpec((None, qp.shape[1], None, dp), lambda j, b, h: (b, 0, h, 0))
         vec = pl.BlockSpec((None, None, qp.shape[1]), lambda j, b, h: (b, h, 0))
         row_arrays, row_specs = _row_specs(tab.rows, None)
+        table = np.concatenate([tab.transposed, tab.transposed_interior], axis=1)
         inputs += [qp, dop, _pad_rows(lse, bq), _pad_rows(delta, bq),
-                   jnp.asarray(tab.transposed)] + row_arrays
+                   jnp.asarray(table)] + row_arrays
         specs += [full, full, vec, vec,
-                  pl.BlockSpec((None, 2), lambda j, b, h: (j, 0))] + row_specs
+                  pl.BlockSpec((None, 4), lambda j, b, h: (j, 0))] + row_specs
         clamped.append(tab.clamped)
         block_q.append(bq)
     if any(clamped):
@@ -376,7 +421,7 @@ def _dkv_segment(st: _Static, source: str, k, v, per_query: dict, limit):
         kernel, grid=(num_kb, batch, heads), in_specs=specs, out_specs=[key_block, key_block],
         out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype),
                    jax.ShapeDtypeStruct(vp.shape, v.dtype)],
-        compiler_params=_compiler_params(st), interpret=st.interpret,
+        compiler_params=_compiler_params(st, backward=True), interpret=st.interpret,
         name=f"sra_dkv_{source}")(*inputs)
     return dk[:, :n_k, :, :st.head_dim], dv[:, :n_k, :, :st.head_dim]
 

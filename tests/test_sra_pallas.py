@@ -18,6 +18,7 @@ from avatarv_jax.kernels.sra_reference import sra_reference
 from avatarv_jax.layers.attention import get_attention_impl, sparse_reference_attention
 from avatarv_jax.models.dit import DiT
 from avatarv_jax.testing import perturb_zero_init, random_inputs, tiny_dit_config
+from avatarv_jax.tools.bench_io import device_name
 
 SMALL = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
 
@@ -232,6 +233,38 @@ def test_tables_are_contiguous_and_cover_every_allowed_pair():
                     assert (first <= i < last) == (tab.blocks[i, 0] <= j < tab.blocks[i, 1])
 
 
+@pytest.mark.parametrize("layout,bq,bk", [
+    (SRALayout(7, 5, 3, ref_window=1, gen_window=2), 8, 4),
+    (SRALayout(5, 3, 24, ref_window=0, gen_window=-1), 16, 16),
+    (SRALayout(4, 6, 10, ref_window=-1, gen_window=1), 16, 8),
+])
+def test_unmasked_interiors_are_exactly_the_wholly_allowed_blocks(layout, bq, bk):
+    """A key block runs without the token mask iff every real row of the query block may see
+    all of it: the interior runs (and their transposes) are exact, not just safe."""
+    mask = layout.dense_mask()
+    used = 0
+    for query, q0, n_q in (("ref", 0, layout.ref_len), ("gen", layout.ref_len, layout.gen_len)):
+        for source, k0 in (("ref", 0), ("gen", layout.ref_len)):
+            if query == "ref" and source == "gen":
+                continue
+            tab = source_tables(layout, query, source, bq, bk)
+            n_k = layout.ref_len if source == "ref" else layout.gen_len
+            sub = mask[q0:q0 + n_q, k0:k0 + n_k]
+            for i, ((first, last), (a, b)) in enumerate(zip(tab.blocks, tab.interior)):
+                assert first <= a <= b <= last
+                rows = sub[i * bq:(i + 1) * bq]
+                whole = [j for j in range(first, last)
+                         if (j + 1) * bk <= n_k and rows[:, j * bk:(j + 1) * bk].all()]
+                assert list(range(a, b)) == whole, (query, source, i)
+                used += b - a
+            for j, (a, b) in enumerate(tab.transposed_interior):
+                first, last = tab.transposed[j]
+                assert first <= a <= b <= max(last, first)
+                assert [i for i in range(len(tab.interior))
+                        if tab.interior[i, 0] <= j < tab.interior[i, 1]] == list(range(a, b))
+    assert used > 0
+
+
 # ------------------------------------------------------------------ TPU variant, lowering, DiT
 
 def test_tpu_variant_matches_reference_in_tpu_interpret_mode():
@@ -302,11 +335,13 @@ def test_benchmark_writes_json_and_rejects_bad_input(tmp_path, capsys):
     bench = _benchmark_module()
     assert bench.main(["--multiples", "1,x"]) == 2
     assert "--multiples must be integers" in capsys.readouterr().err
+    assert bench.main(["--blocks", "64,64"]) == 2
+    assert "--blocks takes 4, 6 or 8 integers" in capsys.readouterr().err
     out = tmp_path / "sra.json"
     assert bench.main(["--gen_frames", "2", "--tokens_per_frame", "4", "--heads", "1",
                        "--head_dim", "16", "--multiples", "1,2", "--repeats", "1",
                        "--impls", "xla", "--dtype", "float32", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["device"].startswith("cpu") and [r["ref_len"] for r in result["rows"]] == [8, 16]
+    assert result["device"] == device_name() and [r["ref_len"] for r in result["rows"]] == [8, 16]
     assert result["rows"][1]["allowed_pairs"] == SRALayout(4, 2, 4).allowed_pairs()
     assert set(result["linearity"]) == {"xla"}
