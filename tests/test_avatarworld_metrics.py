@@ -6,7 +6,6 @@ import pytest
 from avatarv_jax.data.avatarworld import identity as idn
 from avatarv_jax.data.avatarworld import metrics
 from avatarv_jax.data.avatarworld import motion as mo
-from avatarv_jax.data.avatarworld import speech
 from avatarv_jax.data.avatarworld.clip import make_clip
 from avatarv_jax.data.avatarworld.probe import load_probe
 

@@ -5,7 +5,6 @@ It must stay small, hold only what inference needs, and restore into the tiny pr
 """
 
 import json
-from pathlib import Path
 
 import jax
 import numpy as np

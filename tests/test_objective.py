@@ -11,7 +11,7 @@ from avatarv_jax.diffusion.flow import sigma_to_timestep
 from avatarv_jax.diffusion.guidance import ConditionDropout, guided_velocity
 from avatarv_jax.diffusion.objective import TrainBatch, flow_matching_loss
 from avatarv_jax.inference.guided import encode_guidance_caches, sample_chunk
-from avatarv_jax.models.dit import DiT, GenInputs, RefInputs
+from avatarv_jax.models.dit import DiT, GenInputs
 from avatarv_jax.testing import perturb_zero_init, random_inputs, tiny_dit_config
 
 FLOW = ml_collections.ConfigDict(dict(logit_mean=0.0, logit_std=1.0, shift=3.0, face_weight=0.5,

@@ -5,7 +5,6 @@ import subprocess
 import sys
 import textwrap
 
-import jax
 from flax import nnx
 
 from avatarv_jax.config import DEFAULT_LOGICAL_AXIS_RULES, get_model_config

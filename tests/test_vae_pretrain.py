@@ -137,6 +137,22 @@ def test_cli_training_raises_heldout_psnr_and_writes_loadable_weights(tmp_path, 
     code = vp.main(["--shards", str(shards), "--out", str(out), "--resolution", "64"])
     assert code == 2 and "rendered at 32 px" in capsys.readouterr().err
 
+    # --init fine-tunes from the file: the curve starts where the first run ended.
+    tuned = tmp_path / "tuned.safetensors"
+    code = vp.main(["--shards", str(shards), "--heldout", str(shards), "--out", str(tuned),
+                    "--init", str(out), "--resolution", "32", "--frames", "5", "--batch", "2",
+                    "--steps", "2", "--lr", "1e-4", "--eval-every", "2"])
+    assert code == 0, capsys.readouterr().err
+    tuned_meta = vp.read_pretrained_meta(str(tuned))
+    assert tuned_meta["init"] == "vae.safetensors"
+    assert tuned_meta["curve"][0]["heldout_psnr"] == pytest.approx(after, abs=0.01)
+    for bad, message in ((tmp_path / "none.safetensors", "is not a file"),
+                         (shards / "manifest.json", "not a readable safetensors file")):
+        code = vp.main(["--shards", str(shards), "--out", str(tmp_path / "x.safetensors"),
+                        "--init", str(bad), "--resolution", "32", "--frames", "5"])
+        assert code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "x.safetensors").exists()
+
 
 def test_trainer_init_vae_loads_the_file_into_the_frozen_vae(tmp_path):
     """``init_vae``: the run's frozen VAE (saved in the checkpoint) is the file's, bit for

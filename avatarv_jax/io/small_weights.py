@@ -65,8 +65,15 @@ def save_weights(model: nnx.Module, path: str, config: str, meta: dict[str, Any]
 
 
 def read_weights(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The named arrays and the metadata of a safetensors file (no code can run)."""
-    from safetensors import safe_open
+    """The named arrays and the metadata of a safetensors file (no code can run).
 
-    with safe_open(path, framework="numpy") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    A file that is not safetensors raises ``ValueError`` naming it (safetensors' own error
+    type is not a ``ValueError``, so callers could not report it as bad input).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None

@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--kl-weight", type=float, default=1e-4)
+    p.add_argument("--init", default=None,
+                   help="start from this pre-trained VAE (.safetensors) instead of random "
+                        "weights, e.g. to fine-tune on longer windows")
     p.add_argument("--init-logvar", type=float, default=None,
                    help="starting posterior log-variance (default: the random init's, ~0)")
     p.add_argument("--eval-every", type=int, default=200)
@@ -303,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(args) -> str | None:
     if not os.path.isdir(args.shards):
         return f"--shards {args.shards!r} is not a directory"
+    if args.init and not os.path.isfile(args.init):
+        return f"--init {args.init!r} is not a file"
     if args.heldout and not os.path.isdir(args.heldout):
         return f"--heldout {args.heldout!r} is not a directory"
     parent = os.path.dirname(os.path.abspath(args.out))
@@ -344,6 +349,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(record), flush=True)
 
     vae = CausalVideoVAE(VAE_PRESETS[args.vae](), rngs=nnx.Rngs(args.seed))
+    if args.init:
+        try:
+            load_pretrained_vae(args.init, vae)
+        except (ValueError, OSError) as e:
+            print(f"error: --init {args.init}: {e}", file=sys.stderr)
+            return 2
     start = time.perf_counter()
     curve = train(vae, sampler, steps=args.steps, lr=args.lr, kl_weight=args.kl_weight,
                   image_fraction=args.image_fraction, seed=args.seed, heldout=heldout,
@@ -354,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         "resolution": args.resolution, "frames": args.frames, "batch": args.batch,
         "image_batch": args.image_batch, "image_fraction": args.image_fraction, "lr": args.lr,
         "kl_weight": args.kl_weight, "init_logvar": args.init_logvar, "seed": args.seed,
+        "init": os.path.basename(args.init) if args.init else None,
         "device": jax.devices()[0].device_kind,
         "curve": curve}
     if heldout is not None:

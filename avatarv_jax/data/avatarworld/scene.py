@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 
 from avatarv_jax.data.avatarworld.identity import rng_for
 
