@@ -4,6 +4,8 @@
     python -m avatarv_jax.eval --avatarworld 20 --seconds 30 --out reports/aw [--generated DIR]
     # real videos: GEN_DIR/NAME.mp4 against REF_DIR/NAME.mp4 (dlib faces; the `faces` extra)
     python -m avatarv_jax.eval GEN_DIR --references REF_DIR --out reports/real
+    # ... with LSE from the original SyncNet (the papers' numbers; weights converted once)
+    python -m avatarv_jax.eval GEN_DIR --references REF_DIR --syncnet-original syncnet_v2.safetensors --out reports/real
     # the inputs of the AvatarWorld cases, to generate from (reference PNG + speech WAV)
     python -m avatarv_jax.eval --avatarworld 20 --export-cases cases/
 
@@ -38,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=float, default=5.0, help="drift window in seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--syncnet", help="SyncNet safetensors (default: the shipped AvatarWorld one)")
+    p.add_argument("--syncnet-original", dest="syncnet_original", metavar="PATH",
+                   help="the original SyncNet (syncnet_v2, converted to safetensors; "
+                        "docs/evaluation.md): LSE-C/D on face crops with the papers' protocol "
+                        "(real-video mode)")
     p.add_argument("--export-cases", help="write the cases' reference PNG and speech WAV here")
     p.add_argument("--out", help="report directory (must not exist)")
     return p
@@ -74,11 +80,31 @@ def _mp4s(directory: str, what: str) -> dict[str, str]:
     return found
 
 
+def _sync_scorer(args):
+    """The LSE scorer: the original SyncNet when ``--syncnet-original`` names one, else ours."""
+    from avatarv_jax.eval import syncnet
+
+    path = getattr(args, "syncnet_original", None)
+    if not path:
+        return syncnet.SyncScorer(syncnet.load_syncnet(args.syncnet))
+    from avatarv_jax.eval import syncnet_original
+
+    if args.syncnet:
+        raise EvalInputError("give --syncnet or --syncnet-original, not both")
+    try:
+        return syncnet_original.OriginalSyncScorer(syncnet_original.load_original_syncnet(path))
+    except (FileNotFoundError, ValueError) as e:
+        raise EvalInputError(f"--syncnet-original: {e}") from None
+
+
 def run_avatarworld(args, log=print) -> dict:
     from avatarv_jax.data.avatarworld.probe import load_probe
     from avatarv_jax.eval import avatarworld_eval as awe
     from avatarv_jax.eval import report, syncnet
 
+    if getattr(args, "syncnet_original", None):
+        raise EvalInputError("--syncnet-original scores real videos (face crops); AvatarWorld "
+                             "mode uses the AvatarWorld SyncNet (--syncnet)")
     if args.avatarworld < 2:
         raise EvalInputError("--avatarworld needs at least 2 cases (shuffled audio pairs them)")
     try:
@@ -132,10 +158,12 @@ def run_videos(args, log=print) -> dict:
     from avatarv_jax.data.ingest.faces import faces_available, FACES_EXTRA_HINT
     from avatarv_jax.eval import face_similarity as fs
     from avatarv_jax.eval import frontends as fe
-    from avatarv_jax.eval import lse, report, syncnet
+    from avatarv_jax.eval import lse, report
 
     if not args.references:
         raise EvalInputError("real-video mode needs --references DIR")
+    scorer = _sync_scorer(args)
+    original = getattr(args, "syncnet_original", None)
     if not faces_available():
         raise EvalInputError(FACES_EXTRA_HINT)
     gen, ref = _mp4s(args.generated, "generated"), _mp4s(args.references, "reference")
@@ -144,7 +172,6 @@ def run_videos(args, log=print) -> dict:
         raise EvalInputError("no generated mp4 has a reference mp4 of the same name")
     if len(names) < 2:
         raise EvalInputError("need at least 2 matched videos (shuffled audio pairs them)")
-    scorer = syncnet.SyncScorer(syncnet.load_syncnet(args.syncnet))
     embedder = fs.DlibEmbedder()
     from avatarv_jax.data.ingest.faces import shared_models
     models = shared_models()
@@ -157,6 +184,17 @@ def run_videos(args, log=print) -> dict:
                 lms[i] = models.landmarks(frames[i], boxes[0])
         return fe.mouth_box_from_landmarks(lms)
 
+    def face_box(frames):
+        """The original network reads face crops: one box per clip, the median dlib face box."""
+        boxes = []
+        for i in np.linspace(0, frames.shape[0] - 1, min(16, frames.shape[0])).astype(int):
+            found = models.detect(frames[i], 1, -0.5)
+            if len(found):
+                boxes.append(found[0])
+        if not boxes:
+            raise ValueError("no face found")
+        return np.median(np.stack(boxes), 0)
+
     refs = {n: _read_mp4(ref[n]) for n in names}
     inputs = bl.baseline_inputs([refs[n][0] for n in names], [refs[n][1] for n in names],
                                 [refs[n][0][0] for n in names], args.seed)
@@ -166,7 +204,7 @@ def run_videos(args, log=print) -> dict:
         per_clip[system] = []
         for n, (frames, audio) in zip(names, items):
             try:
-                box = mouth_box(np.asarray(frames))
+                box = (face_box if original else mouth_box)(np.asarray(frames))
             except ValueError:
                 box = None
             m = {"case": n}
@@ -175,7 +213,8 @@ def run_videos(args, log=print) -> dict:
             m.update(fs.face_similarity(frames, refs[n][0], embedder))
             per_clip[system].append(m)
         log(f"scored {system}")
-    meta = {"mode": "videos", "names": names, "syncnet": args.syncnet or "shipped"}
+    meta = {"mode": "videos", "names": names,
+            "syncnet": f"original:{original}" if original else args.syncnet or "shipped"}
     out = report.write_report(args.out, per_clip, None, None, meta, args.window)
     log(f"report in {args.out}")
     return out

@@ -49,7 +49,8 @@ def offset_distances(video: np.ndarray, audio: np.ndarray, max_offset: int = MAX
                          f"(a clip needs more than {max_offset + fe.WINDOW_FRAMES - 1} frames)")
     out = np.empty(2 * max_offset + 1)
     for i, k in enumerate(range(-max_offset, max_offset + 1)):
-        lo, hi = max(0, -k), min(n, n - k)
+        lo = min(max(0, -k), n)          # v_lo .. v_hi-1 have a partner a_{t+k}
+        hi = max(min(n, n - k), lo)      # (none when |k| >= n: all padding)
         d = np.linalg.norm(video[lo:hi] - audio[lo + k:hi + k], axis=1)
         if padding == "zeros":
             pad = np.linalg.norm(np.concatenate([video[:lo], video[hi:]]), axis=1)
@@ -82,8 +83,15 @@ def shift_audio(audio: np.ndarray, frames: int) -> np.ndarray:
 
 
 def clip_sync(scorer, frames: np.ndarray, audio: np.ndarray, box: np.ndarray,
-              max_offset: int = MAX_OFFSET, padding: str = "valid") -> SyncScore:
-    """The whole chain for one clip: crops inside ``box``, embeddings, the offset search."""
-    crops = fe.crop_mouths(frames, box, scorer.model.config.crop_size)
+              max_offset: int = MAX_OFFSET, padding: str | None = None) -> SyncScore:
+    """The whole chain for one clip: crops inside ``box``, embeddings, the offset search.
+
+    A scorer with its own front end (``syncnet_original.OriginalSyncScorer``: face crops, the
+    original's zero padding) supplies ``crop(frames, box)`` and a ``padding`` default;
+    otherwise mouth crops and ``"valid"``.
+    """
+    crop = getattr(scorer, "crop", None)
+    crops = (crop(frames, box) if crop is not None
+             else fe.crop_mouths(frames, box, scorer.model.config.crop_size))
     v, a = scorer.embed(crops, audio)
-    return sync_score(v, a, max_offset, padding)
+    return sync_score(v, a, max_offset, padding or getattr(scorer, "padding", "valid"))
