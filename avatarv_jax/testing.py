@@ -69,3 +69,26 @@ def sigterm_at(dataset, kill_at: int | None):
         return element
 
     return dataset.map_with_index(maybe_kill)
+
+
+def write_astronaut_videos(root, size: int, num_frames: int):
+    """GEN/{a,b}.mp4 and REF/{a,b}.mp4 under ``root`` for the real-video eval tests: the
+    astronaut (scikit-image) at ``size`` px, jittered by 0-2 px, clip b shifted by 4 px; GEN is
+    REF played backwards, with the same noise audio. Returns (gen_dir, ref_dir)."""
+    import numpy as np
+    from skimage import data
+    from skimage.transform import resize
+
+    from avatarv_jax.data.avatarworld.media import write_mp4
+
+    face = (resize(data.astronaut(), (size, size)) * 255).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    gen, ref = root / "gen", root / "ref"
+    gen.mkdir()
+    ref.mkdir()
+    for name, dx in (("a", 0), ("b", 4)):
+        frames = np.stack([np.roll(face, dx + (t % 3), axis=1) for t in range(num_frames)])
+        audio = (0.1 * rng.standard_normal(num_frames * 640)).astype(np.float32)
+        write_mp4(str(ref / f"{name}.mp4"), frames, audio)
+        write_mp4(str(gen / f"{name}.mp4"), frames[::-1].copy(), audio)
+    return gen, ref

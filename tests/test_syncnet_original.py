@@ -269,22 +269,11 @@ def test_cli_real_video_mode_with_original_weights(tmp_path, torch_weights):
 
     if not faces_available():
         pytest.skip("needs the `faces` extra (dlib)")
-    from skimage import data
-    from skimage.transform import resize
 
-    from avatarv_jax.data.avatarworld.media import write_mp4
     from avatarv_jax.eval.__main__ import main as eval_main
+    from avatarv_jax.testing import write_astronaut_videos
 
-    face = (resize(data.astronaut(), (160, 160)) * 255).astype(np.uint8)
-    rng = np.random.default_rng(0)
-    gen, ref = tmp_path / "gen", tmp_path / "ref"
-    gen.mkdir()
-    ref.mkdir()
-    for name, dx in (("a", 0), ("b", 4)):
-        frames = np.stack([np.roll(face, dx + (t % 3), axis=1) for t in range(7)])
-        audio = (0.1 * rng.standard_normal(7 * 640)).astype(np.float32)
-        write_mp4(str(ref / f"{name}.mp4"), frames, audio)
-        write_mp4(str(gen / f"{name}.mp4"), frames[::-1].copy(), audio)
+    gen, ref = write_astronaut_videos(tmp_path, 160, 7)
     out = tmp_path / "report"
     assert eval_main([str(gen), "--references", str(ref), "--out", str(out),
                       "--syncnet-original", torch_weights[2]]) == 0
