@@ -53,6 +53,37 @@ def test_loss_terms_match_their_definitions():
     np.testing.assert_allclose(total, terms["l1"] + terms["l2"] + 0.5 * terms["kl"], rtol=1e-6)
 
 
+def test_mouth_weight_counts_mouth_pixels_more_and_mouth_psnr_is_the_masked_one():
+    """Weighted loss = mean(|e| w) + mean(e^2 w) + KL, w = 1 + W * mask (same posterior
+    sample); the mouth PSNR is the PSNR over the masked pixels alone."""
+    clips = _clips(n=1, t=1)
+    mask = np.zeros(clips.shape[:-1] + (1,), np.uint8)
+    mask[..., 5:9, 6:11, :] = 255
+    batch = np.concatenate([clips, mask], -1)
+    vae = CausalVideoVAE(VAEConfig.tiny(), rngs=nnx.Rngs(0))
+    video, mouth = vp.split_mouth(batch)
+    np.testing.assert_array_equal(video, vp.to_unit(clips))
+    assert mouth.shape == clips.shape[:-1] + (1,) and float(mouth.sum()) == 20
+    key = jax.random.key(0)
+    total, terms = vp.vae_loss(vae, video, key, 0.5, mouth, 9.0)
+    plain, plain_terms = vp.vae_loss(vae, video, key, 0.5)
+    mean, logvar = vp.posterior(vae, video)
+    z = mean + np.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+    err = np.asarray(vp.decode_raw(vae, z)) - np.asarray(video)
+    w = 1.0 + 9.0 * np.asarray(mouth)
+    want = np.mean(np.abs(err) * w) + np.mean(err ** 2 * w) + 0.5 * float(terms["kl"])
+    np.testing.assert_allclose(total, want, rtol=1e-5)
+    np.testing.assert_allclose(terms["l1"], plain_terms["l1"], rtol=1e-6)
+    m = np.asarray(mouth)[..., 0] > 0
+    np.testing.assert_allclose(terms["mouth_l1"], np.abs(err)[m].mean(), rtol=1e-5)
+    assert float(total) > float(plain)
+
+    recon = (np.asarray(vae.decode(vae.encode(video))) + 1) / 2
+    mse_mouth = np.mean((recon - clips / 255.0)[m] ** 2)
+    assert vp.reconstruction_psnr(vae, batch) == pytest.approx(10 * np.log10(1 / mse_mouth),
+                                                               abs=1e-3)
+
+
 def test_psnr_matches_its_definition_and_input_is_checked():
     clips = _clips(n=1, t=1)
     vae = CausalVideoVAE(VAEConfig.tiny(), rngs=nnx.Rngs(0))
@@ -141,11 +172,15 @@ def test_cli_training_raises_heldout_psnr_and_writes_loadable_weights(tmp_path, 
     tuned = tmp_path / "tuned.safetensors"
     code = vp.main(["--shards", str(shards), "--heldout", str(shards), "--out", str(tuned),
                     "--init", str(out), "--resolution", "32", "--frames", "5", "--batch", "2",
-                    "--steps", "2", "--lr", "1e-4", "--eval-every", "2"])
+                    "--steps", "2", "--lr", "1e-4", "--eval-every", "2", "--mouth-weight", "5"])
     assert code == 0, capsys.readouterr().err
     tuned_meta = vp.read_pretrained_meta(str(tuned))
-    assert tuned_meta["init"] == "vae.safetensors"
+    assert (tuned_meta["init"], tuned_meta["mouth_weight"]) == ("vae.safetensors", 5.0)
     assert tuned_meta["curve"][0]["heldout_psnr"] == pytest.approx(after, abs=0.01)
+    mouth_clips = vp.load_clip_frames(str(shards), with_mouth=True)
+    assert mouth_clips.shape[-1] == 4 and set(np.unique(mouth_clips[..., 3])) == {0, 255}
+    assert tuned_meta["curve"][0]["heldout_mouth_psnr"] == pytest.approx(
+        vp.reconstruction_psnr(fresh, mouth_clips), abs=0.01)
     for bad, message in ((tmp_path / "none.safetensors", "is not a file"),
                          (shards / "manifest.json", "not a readable safetensors file")):
         code = vp.main(["--shards", str(shards), "--out", str(tmp_path / "x.safetensors"),
