@@ -212,7 +212,22 @@ def test_export_cases(tmp_path):
     out = tmp_path / "cases"
     assert eval_main(["--avatarworld", "2", "--seconds", "2.4", "--resolution", "64",
                       "--export-cases", str(out)]) == 0
-    assert sorted(os.listdir(out)) == ["case_000.png", "case_000.wav", "case_001.png",
-                                       "case_001.wav"]
+    assert sorted(os.listdir(out)) == [
+        "case_000.png", "case_000.wav", "case_000_reference.motion.npz", "case_000_reference.mp4",
+        "case_001.png", "case_001.wav", "case_001_reference.motion.npz", "case_001_reference.mp4"]
     wav, rate = soundfile.read(out / "case_001.wav")
     assert rate == 16000 and wav.shape == (60 * 640,)
+    from avatarv_jax.eval import avatarworld_eval as awe
+    from avatarv_jax.inference.media import read_video
+
+    case = awe.heldout_cases(2, 2.4, 64)[1]
+    clip = read_video(out / "case_001_reference.mp4", (64, 64), max_frames=100)
+    want = awe.render_reference_clip(case)
+    assert clip.frames.shape == want.frames.shape == (50, 64, 64, 3)
+    assert want.identity_id == case.identity_id and want.scene_id == case.scene_id
+    err = np.abs(clip.frames.astype(np.float32) - want.frames.astype(np.float32)).mean()
+    assert err < 6, err          # H.264 at crf 18
+    from avatarv_jax.inference.motion_source import reference_motion
+
+    found = reference_motion(clip.frames, out / "case_001_reference.mp4", 10, extractor="auto")
+    np.testing.assert_array_equal(found.motion, np.asarray(want.motion, np.float32))

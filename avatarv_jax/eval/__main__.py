@@ -44,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="the original SyncNet (syncnet_v2, converted to safetensors; "
                         "docs/evaluation.md): LSE-C/D on face crops with the papers' protocol "
                         "(real-video mode)")
-    p.add_argument("--export-cases", help="write the cases' reference PNG and speech WAV here")
+    p.add_argument("--export-cases", help="write the cases' inputs here: reference PNG (frame 0), "
+                   "a 2-s reference clip of the same person (mp4, with its motion as a .motion.npz "
+                   "sidecar) and the speech WAV")
     p.add_argument("--out", help="report directory (must not exist)")
     return p
 
@@ -223,7 +225,7 @@ def run_videos(args, log=print) -> dict:
 def export_cases(args, log=print) -> None:
     import soundfile
 
-    from avatarv_jax.data.avatarworld.media import write_png
+    from avatarv_jax.data.avatarworld.media import write_mp4, write_png
     from avatarv_jax.eval import avatarworld_eval as awe
 
     try:
@@ -236,6 +238,14 @@ def export_cases(args, log=print) -> None:
         clip = make_clip(c.seed, c.identity_id, c.scene_id, c.language, duration_s=c.seconds,
                          resolution=c.resolution)
         write_png(os.path.join(args.export_cases, f"{c.name}.png"), clip.frames[0])
+        ref = awe.render_reference_clip(c)
+        ref_path = os.path.join(args.export_cases, f"{c.name}_reference.mp4")
+        write_mp4(ref_path, ref.frames, ref.audio)
+        # its exact motion as the sidecar infer.py reads (no extractor needed on AvatarWorld)
+        sidecar = os.path.splitext(ref_path)[0] + ".motion.npz"
+        with open(sidecar + ".partial", "wb") as f:
+            np.savez(f, motion=np.asarray(ref.motion, np.float32))
+        os.replace(sidecar + ".partial", sidecar)
         wav = os.path.join(args.export_cases, f"{c.name}.wav")
         soundfile.write(wav + ".partial.wav", clip.audio, 16000)
         os.replace(wav + ".partial.wav", wav)

@@ -63,13 +63,20 @@ def heldout_cases(count: int, seconds: float = 30.0, resolution: int = 128, seed
                  int(resolution)) for i in range(count)]
 
 
+def render_reference_clip(case: Case):
+    """Another 2-s clip of the case's person in the same scene, speaking the next language:
+    the reference a video-reference model is given, and the source of the reference identity
+    embedding (never the ground truth itself)."""
+    return make_clip(case.seed + 500_000, case.identity_id, case.scene_id,
+                     LANGUAGE_CODES[(LANGUAGE_CODES.index(case.language) + 1)
+                                    % len(LANGUAGE_CODES)],
+                     duration_s=2.0, resolution=case.resolution)
+
+
 def render_case(case: Case, probe) -> CaseTruth:
     clip = make_clip(case.seed, case.identity_id, case.scene_id, case.language,
                      duration_s=case.seconds, resolution=case.resolution)
-    other = make_clip(case.seed + 500_000, case.identity_id, case.scene_id,
-                      LANGUAGE_CODES[(LANGUAGE_CODES.index(case.language) + 1)
-                                     % len(LANGUAGE_CODES)],
-                      duration_s=2.0, resolution=case.resolution)
+    other = render_reference_clip(case)
     box = fe.mouth_box_from_masks(clip.masks["mouth"], clip.masks["face"])
     return CaseTruth(case, clip, box, clip.frames[0], probe.read_clip(other.frames).embedding)
 
