@@ -6,7 +6,8 @@
     python -m avatarv_jax.eval GEN_DIR --references REF_DIR --out reports/real
     # ... with LSE from the original SyncNet (the papers' numbers; weights converted once)
     python -m avatarv_jax.eval GEN_DIR --references REF_DIR --syncnet-original syncnet_v2.safetensors --out reports/real
-    # the inputs of the AvatarWorld cases, to generate from (reference PNG + speech WAV)
+    # the inputs of the AvatarWorld cases, to generate from (reference PNG, reference clip with
+    # its motion sidecar, speech WAV)
     python -m avatarv_jax.eval --avatarworld 20 --export-cases cases/
 
 Bad input exits with status 2 and one line on stderr; the report is written whole or not at all.
@@ -227,6 +228,7 @@ def export_cases(args, log=print) -> None:
 
     from avatarv_jax.data.avatarworld.media import write_mp4, write_png
     from avatarv_jax.eval import avatarworld_eval as awe
+    from avatarv_jax.inference.motion_source import sidecar_path
 
     try:
         cases = awe.heldout_cases(args.avatarworld, args.seconds, args.resolution, args.seed)
@@ -242,7 +244,7 @@ def export_cases(args, log=print) -> None:
         ref_path = os.path.join(args.export_cases, f"{c.name}_reference.mp4")
         write_mp4(ref_path, ref.frames, ref.audio)
         # its exact motion as the sidecar infer.py reads (no extractor needed on AvatarWorld)
-        sidecar = os.path.splitext(ref_path)[0] + ".motion.npz"
+        sidecar = str(sidecar_path(ref_path))
         with open(sidecar + ".partial", "wb") as f:
             np.savez(f, motion=np.asarray(ref.motion, np.float32))
         os.replace(sidecar + ".partial", sidecar)
