@@ -71,6 +71,33 @@ def sigterm_at(dataset, kill_at: int | None):
     return dataset.map_with_index(maybe_kill)
 
 
+def posttrain_setup(cfg, total_steps: int):
+    """(builder, state, frozen params) of a stage-4/5 step for ``cfg`` (tiny): fresh models with
+    the zero-initialised layers perturbed, the student's copy as the frozen ``teacher``, no EMA.
+    What the post-training step tests build before taking a step."""
+    from avatarv_jax.models import factory
+    from avatarv_jax.parallel.mesh import make_mesh
+    from avatarv_jax.posttrain.stages import BUILDERS, teacher_template
+    from avatarv_jax.training.checkpoints import FROZEN_MODELS
+    from avatarv_jax.training.optimizer import make_optimizer
+    from avatarv_jax.training.state import create_train_state
+    from avatarv_jax.training.step import ModuleTemplate, module_params
+
+    models = factory.build_models(cfg, seed=0)
+    models["dit"] = perturb_zero_init(models["dit"], seed=1)
+    templates = {k: ModuleTemplate(m) for k, m in models.items()}
+    frozen_t = {k: templates[k] for k in FROZEN_MODELS}
+    frozen_t["teacher"] = teacher_template(cfg)
+    tx, schedule = make_optimizer(cfg.optimizer, templates["dit"].logical_axes(), total_steps)
+    builder = BUILDERS[cfg.stage](dit=templates["dit"], frozen=frozen_t, tx=tx,
+                                  schedule=schedule, cfg=cfg, stage=cfg.stage,
+                                  mesh=make_mesh(dict(cfg.mesh)))
+    params = {k: module_params(m) for k, m in models.items()}
+    frozen = {k: params[k] for k in FROZEN_MODELS}
+    frozen["teacher"] = jax.tree.map(jnp.copy, params["dit"])
+    return builder, create_train_state(params["dit"], tx, use_ema=False), frozen
+
+
 def write_astronaut_videos(root, size: int, num_frames: int):
     """GEN/{a,b}.mp4 and REF/{a,b}.mp4 under ``root`` for the real-video eval tests: the
     astronaut (scikit-image) at ``size`` px, jittered by 0-2 px, clip b shifted by 4 px; GEN is

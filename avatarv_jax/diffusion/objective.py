@@ -40,6 +40,7 @@ class TrainBatch:
     face_mask: jax.Array | None = None
     mouth_mask: jax.Array | None = None
     eye_mask: jax.Array | None = None
+    cond_latents: jax.Array | None = None   # SR refiner: upsampled base latents [B, F, H, W, C]
 
 
 def training_shift(flow_cfg, dit: DiT, latents) -> float:
@@ -72,7 +73,8 @@ def flow_matching_loss(dit: DiT, batch: TrainBatch, key: jax.Array, *, flow_cfg:
     text = batch.text * keep["keep_text"][:, None, None].astype(batch.text.dtype)
     gen = GenInputs(latents=x_t["video"], timesteps=sigma_to_timestep(sigma_bf), text=text,
                     motion=x_t.get("motion"), audio=batch.audio,
-                    audio_mask=keep["keep_audio"].astype(jnp.float32))
+                    audio_mask=keep["keep_audio"].astype(jnp.float32),
+                    cond_latents=batch.cond_latents)
     ref = None
     if batch.ref_latents is not None:
         ref = RefInputs(latents=batch.ref_latents, motion=batch.ref_motion, audio=batch.ref_audio,

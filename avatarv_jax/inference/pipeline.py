@@ -43,11 +43,12 @@ from avatarv_jax.inference.guided import (GuidanceCaches, JointInputs, cached_pr
 from avatarv_jax.inference.progress import Progress
 from avatarv_jax.inference.settings import InferenceSettings, parse_resolution
 from avatarv_jax.models import factory
-from avatarv_jax.models.dit import RefInputs
+from avatarv_jax.models.dit import DiT, RefInputs
 from avatarv_jax.models.motion import pack_motion
 from avatarv_jax.models.text_encoder import encode_text
 from avatarv_jax.models.tokenizer import make_tokenizer
 from avatarv_jax.models.vae import VAEStreamer
+from avatarv_jax.training.sr_batch import downscale_frames, upsample_base_latents
 
 SPF = media.SAMPLE_RATE // media.FPS       # audio samples per video frame (640)
 
@@ -206,11 +207,13 @@ class Pipeline:
 
     def __init__(self, cfg, models: dict[str, nnx.Module], weights_info: weights.WeightsInfo, *,
                  sr_dit: nnx.Module | None = None, sr_weights: weights.WeightsInfo | None = None,
-                 motion_extractor="auto", log=print):
+                 sr_steps: int | None = None, motion_extractor="auto", log=print):
         self.cfg, self.log = cfg, log
         self.settings = InferenceSettings.from_config(cfg)
         self.models, self.weights = models, weights_info
         self.sr_dit, self.sr_weights = sr_dit, sr_weights
+        # The refiner's Euler steps: its trainer config's (1 after distill_sr), else the setting.
+        self.sr_steps = int(sr_steps or self.settings.sr_steps)
         self.motion_extractor = motion_extractor
         self.dit = models["dit"]
         self.motion_dim = self.dit.cfg.motion_dim
@@ -246,10 +249,10 @@ class Pipeline:
             raise InferenceInputError(f"config {config.get('name', '?')} cannot be built: {e}") \
                 from None
         info = weights.load_weights(models, checkpoint, log=log)
-        sr_dit = sr_info = None
+        sr_dit = sr_info = sr_steps = None
         if sr:
-            sr_dit, sr_info = _load_sr(config, sr_checkpoint, log)
-        return cls(config, models, info, sr_dit=sr_dit, sr_weights=sr_info,
+            sr_dit, sr_info, sr_steps = _load_sr(config, sr_checkpoint, log)
+        return cls(config, models, info, sr_dit=sr_dit, sr_weights=sr_info, sr_steps=sr_steps,
                    motion_extractor=motion_extractor, log=log)
 
     # -- inputs ------------------------------------------------------------------------------------
@@ -338,8 +341,7 @@ class Pipeline:
     def _reference_inputs(self, prep: Prepared) -> RefInputs:
         video = jnp.asarray(prep.ref_frames[None], jnp.float32) / 127.5 - 1.0
         if self.sr_dit is not None:        # the base model runs at 1 / sr_scale of the output
-            h, w = (v // self.settings.sr_scale for v in prep.size)
-            video = jax.image.resize(video, video.shape[:2] + (h, w, 3), "linear")
+            video = downscale_frames(video, self.settings.sr_scale)
         latents = self._encode_video(video)
         feats = self._audio_features(jnp.asarray(prep.ref_audio)[None])
         motion = None
@@ -407,15 +409,14 @@ class Pipeline:
         ref = RefInputs(latents=latents, audio=feats,
                         audio_mask=jnp.full((1,), float(prep.ref_has_audio), jnp.float32),
                         valid_frames=jnp.full((1,), latents.shape[1], jnp.int32))
-        steps = self.settings.sr_steps
+        steps = self.sr_steps
         return {"ref_cache": self._sr_encode_ref(ref), "text": self._sr_encode_conds(text, None),
                 "grid": latents.shape[2:4], "sigmas": np.asarray(samplers.sigma_schedule(steps)),
                 "step": self._step_fn(1.0, 1.0, True, dit=self.sr_dit, method="euler")}
 
     def _refine(self, sr: dict, chunk, base_gen, feats, seed: int, sr_prefix):
         """The chunk's new latents at high resolution, conditioned on the upsampled base."""
-        b, f, _, _, c = base_gen.shape
-        cond = jax.image.resize(base_gen, (b, f, *sr["grid"], c), "linear")
+        cond = upsample_base_latents(base_gen, sr["grid"])   # as the sr stage trains it
         full = self._sr_audio_cache(sr, feats)
         conds = GuidanceCaches(full=full, text=full, uncond=full, ref=sr["ref_cache"],
                                uncond_ref=sr["ref_cache"])
@@ -490,6 +491,7 @@ class Pipeline:
                           "motion_note": prep.ref_motion.note},
             "chunks": num_chunks, "inference": dataclasses.asdict(s),
             "sr": self.sr_dit is not None,
+            "sr_steps": self.sr_steps if self.sr_dit is not None else None,
             "config": json.loads(self.cfg.to_json_best_effort()),
             "checkpoint": self.weights.to_json(),
             "sr_checkpoint": None if self.sr_weights is None else self.sr_weights.to_json(),
@@ -509,18 +511,41 @@ def _encode_conditions(dit, text, audio):
 
 
 def _load_sr(cfg, checkpoint, log):
-    """The SR refiner of the same preset (``configs/<name>.py:sr``) and its weights."""
-    name = str(cfg.get("name", ""))
-    try:
-        sr_cfg = get_model_config(name.removesuffix("_sr"), "sr")
-    except (ValueError, KeyError) as e:
-        raise InferenceInputError(f"--sr needs a preset config with an SR variant: {e}") from None
-    sr_dit = factory.build_models(sr_cfg, seed=1)["dit"]
+    """The SR refiner and its weights: the config a trainer wrote beside ``checkpoint`` (an
+    ``sr`` / ``distill_sr`` work directory), else the SR variant of the base preset
+    (``configs/<name>.py:sr``)."""
+    sr_cfg = None
+    if checkpoint is not None:
+        sr_cfg = weights.checkpoint_config(checkpoint)
+        if sr_cfg is not None and not int(sr_cfg.get("model", {}).get("cond_channels", 0)):
+            raise InferenceInputError(
+                f"--sr-checkpoint {checkpoint} holds a {sr_cfg.get('stage', 'base')} model "
+                "(cond_channels = 0), not an SR refiner (train one with configs/sr.py)")
+    if sr_cfg is None:
+        name = str(cfg.get("name", ""))
+        try:
+            sr_cfg = get_model_config(name.removesuffix("_sr"), "sr")
+        except (ValueError, KeyError) as e:
+            raise InferenceInputError(f"--sr needs a preset config with an SR variant: {e}") \
+                from None
+    trained_scale = int(sr_cfg.get("inference", {}).get("sr_scale", 0) or 0)
+    wanted = int(cfg.inference.sr_scale)
+    if trained_scale and trained_scale != wanted:
+        raise InferenceInputError(f"the SR refiner of {checkpoint} was trained for sr_scale "
+                                  f"{trained_scale}, the config asks for {wanted}")
+    # The DiT alone (the refiner shares the base model's encoders and VAE); it is the first
+    # module build_models draws from the seed, so these are build_models' weights.
+    dit_cfg = factory.dit_config(sr_cfg)
+    sr_dit = nnx.jit(lambda: DiT(dit_cfg, rngs=nnx.Rngs(1)))()
     if checkpoint is None:
         msg = "no --sr-checkpoint: the SR refiner has random weights"
         log(f"WARNING: {msg}")
-        return sr_dit, weights.WeightsInfo("random", warning=msg)
-    return sr_dit, weights.load_weights({"dit": sr_dit}, checkpoint, log=log)
+        return sr_dit, weights.WeightsInfo("random", warning=msg), None
+    info = weights.load_weights({"dit": sr_dit}, checkpoint, log=log)
+    steps = sr_cfg.get("inference", {}).get("sr_steps", None) if "stage" in sr_cfg else None
+    if steps:
+        log(f"SR refiner: {sr_cfg.stage} checkpoint, {int(steps)} sampling step(s)")
+    return sr_dit, info, steps
 
 
 def generate(reference, audio=None, *, output, text: str | None = None, language: str = "en",

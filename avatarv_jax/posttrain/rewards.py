@@ -13,8 +13,8 @@ weights, a constant of the step). Each reward is one number per sample, higher i
   and in units of the field's range, between the temporal standard deviation of the generated
   motion and that of the reference clip's motion (how much the head nods, sways and blinks).
 
-They need the AvatarWorld batch contract (10-d ground-truth motion, reference video); rewards
-on real video (LSE-C, face similarity) run on the host in ``avatarv_jax.eval``.
+They need the AvatarWorld batch contract (10-d ground-truth motion, reference video). The
+lip-sync reward on real video, ``lse_c``, lives in ``posttrain.real_rewards``.
 """
 
 from __future__ import annotations
@@ -37,9 +37,13 @@ _RANGE = np.asarray(mo.MOTION_HIGH - mo.MOTION_LOW, np.float32)
 
 
 def check_weights(weights: Mapping[str, float]) -> dict[str, float]:
-    unknown = sorted(set(weights) - set(REWARDS))
+    """The non-zero weights of known rewards: the probe's and those on real video
+    (``posttrain.real_rewards``)."""
+    from avatarv_jax.posttrain.real_rewards import REAL_REWARDS
+    known = REWARDS + REAL_REWARDS
+    unknown = sorted(set(weights) - set(known))
     if unknown:
-        raise ValueError(f"unknown rewards {unknown} in reward_weights; known: {list(REWARDS)}")
+        raise ValueError(f"unknown rewards {unknown} in reward_weights; known: {list(known)}")
     out = {k: float(v) for k, v in weights.items() if float(v) != 0.0}
     if not out:
         raise ValueError("reward_weights gives every reward weight 0: nothing to optimise")

@@ -223,14 +223,22 @@ class DMDStep(PosttrainStep):
     def initial_aux(self, params):
         return {"params": params, "opt_state": self.fake_tx.init(params)}
 
+    def guidance(self, b: int):
+        """What the velocities are conditioned on besides ``cond`` (the student's scales)."""
+        return _guidance(self.cfg, b)
+
+    def velocity(self, template, params, cond: Conditions, guidance) -> Callable:
+        """``v(x, sigma)`` of the generator, the fake score and the teacher alike."""
+        return velocity_fn(template, params, cond, guidance=guidance)
+
     def generator_start(self, params, cond, key, guidance):
         """(x at sigma_k, sigma_k): the generator's own first k Euler steps from noise."""
         k_noise, k_stop = jax.random.split(key)
         x = _normal_like(k_noise, cond.x0)
-        if not bool(self.cfg.dmd.backward_simulation):
+        if not bool(self.cfg.dmd.backward_simulation) or self.steps == 1:
             return x, self.sigmas[0]
         stop = jax.random.randint(k_stop, (), 0, self.steps)
-        v = velocity_fn(self.dit, jax.lax.stop_gradient(params), cond, guidance=guidance)
+        v = self.velocity(self.dit, jax.lax.stop_gradient(params), cond, guidance)
 
         def body(i, x):
             dt = self.sigmas[i + 1] - self.sigmas[i]
@@ -242,12 +250,12 @@ class DMDStep(PosttrainStep):
     def train_step(self, state, frozen_params, batch, key):
         cond, _ = self.conditions(frozen_params, batch)
         b = cond.size
-        guidance = _guidance(self.cfg, b)
+        guidance = self.guidance(b)
         k_start, k_fake, k_gen = jax.random.split(key, 3)
         x_k, sigma_k = self.generator_start(state.params, cond, k_start, guidance)
 
         def generate(p):
-            v = velocity_fn(self.dit, p, cond, guidance=guidance)(x_k, sigma_k)
+            v = self.velocity(self.dit, p, cond, guidance)(x_k, sigma_k)
             return jax.tree.map(lambda x, vv: dmd.predicted_x0(x, vv, sigma_k), x_k, v)
 
         # One generator forward serves both: its frames for the scores, its VJP for the update.
@@ -264,7 +272,7 @@ class DMDStep(PosttrainStep):
             x_t = noise_latents(x0_gen, noise, sig)
 
             def fake_loss(p):
-                pred = velocity_fn(self.dit, p, cond, guidance=guidance)(x_t, sig)
+                pred = self.velocity(self.dit, p, cond, guidance)(x_t, sig)
                 return dmd.fake_score_loss(pred, x0_gen, noise)
 
             (lf, _), gf = jax.value_and_grad(fake_loss, has_aux=True)(fake["params"])
@@ -276,10 +284,10 @@ class DMDStep(PosttrainStep):
         k_s, k_n = jax.random.split(k_gen)
         sig = jax.random.uniform(k_s, (b,), minval=0.02, maxval=0.98)
         x_t = noise_latents(x0_gen, _normal_like(k_n, x0_gen), sig)
-        v_real = jax.lax.stop_gradient(velocity_fn(
-            self.frozen["teacher"], frozen_params["teacher"], cond, guidance=guidance)(x_t, sig))
-        v_fake = jax.lax.stop_gradient(velocity_fn(
-            self.dit, fake["params"], cond, guidance=guidance)(x_t, sig))
+        v_real = jax.lax.stop_gradient(self.velocity(
+            self.frozen["teacher"], frozen_params["teacher"], cond, guidance)(x_t, sig))
+        v_fake = jax.lax.stop_gradient(self.velocity(
+            self.dit, fake["params"], cond, guidance)(x_t, sig))
 
         def gen_loss(x0):
             return dmd.dmd_generator_loss(x0, x_t, sig, v_real, v_fake)
@@ -293,28 +301,54 @@ class DMDStep(PosttrainStep):
 
 
 class _RewardedStep(PosttrainStep):
-    """Shared by GRPO and DPO: sample G videos per condition and score them."""
+    """Shared by GRPO and DPO: sample G videos per condition and score them. The probe
+    rewards (``posttrain.rewards``) need AvatarWorld batches; ``lse_c`` and
+    ``face_similarity`` (``posttrain.real_rewards``) work on real video (``lse_c`` needs
+    waveform audio and face/mouth masks). Only the weighted rewards are computed."""
 
     section = ""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        from avatarv_jax.posttrain.rewards import ProbeRewards, check_weights
+        from avatarv_jax.posttrain.real_rewards import (
+            REAL_REWARDS,
+            FaceSimilarityReward,
+            LseCReward,
+        )
+        from avatarv_jax.posttrain.rewards import REWARDS, ProbeRewards, check_weights
         s = self.cfg[self.section]
         self.weights = check_weights(dict(s.reward_weights))
         self.group = int(s.group_size)
         if self.group < 2:
             raise ValueError(f"{self.section}.group_size must be >= 2, got {self.group}")
         self.sigmas = sigma_schedule(int(s.sampling_steps), shift=float(self.cfg.sampling.shift))
-        self.rewards = ProbeRewards()
+        self.rewards = ProbeRewards() if set(self.weights) & set(REWARDS) else None
+        self.lse_c = LseCReward() if "lse_c" in self.weights else None
+        self.face = FaceSimilarityReward() if "face_similarity" in self.weights else None
+        assert set(self.weights) <= set(REWARDS) | set(REAL_REWARDS)
+
+    def check_reward_fields(self, batch) -> None:
+        """Before any sampling is traced: the weighted rewards' batch fields are there."""
+        from avatarv_jax.posttrain.real_rewards import check_batch_fields
+        check_batch_fields(self.weights, batch)
 
     def score(self, frozen, batch, cond: Conditions, rep: Conditions, x0: dict):
         """Combined and per-reward scores [B * G] of the samples ``x0`` of ``rep`` (each
         condition of ``cond`` repeated G times)."""
         frames = self.decode_frames(frozen, rep, x0)
-        ref = jnp.repeat(self.reference_frames(frozen, batch, cond), self.group, axis=0)
-        motion = jnp.repeat(batch["motion"], self.group, axis=0)
-        parts = self.rewards(frames, {"motion": motion}, ref)
+        repeat = lambda x: jnp.repeat(x, self.group, axis=0)
+        parts = {}
+        ref = None
+        if self.rewards is not None or self.face is not None:
+            ref = repeat(self.reference_frames(frozen, batch, cond))
+        if self.rewards is not None:
+            probe = self.rewards(frames, {"motion": repeat(batch["motion"])}, ref)
+            parts.update({k: v for k, v in probe.items() if k in self.weights})
+        if self.lse_c is not None:
+            parts["lse_c"] = self.lse_c(frames, {k: repeat(batch[k]) for k in
+                                                 ("audio", "mask_mouth", "mask_face")})
+        if self.face is not None:
+            parts["face_similarity"] = self.face(frames, ref)
         return grpo.combine_rewards(parts, self.weights), parts
 
 
@@ -332,6 +366,7 @@ class GRPOStep(_RewardedStep):
 
     def train_step(self, state, frozen_params, batch, key):
         g = self.cfg.grpo
+        self.check_reward_fields(batch)
         cond, frozen = self.conditions(frozen_params, batch)
         b = cond.size
         rep = cond.repeat(self.group)
@@ -385,22 +420,77 @@ class GRPOStep(_RewardedStep):
 
 
 class DPOStep(_RewardedStep):
-    """dpo: Diffusion-DPO on automatic pairs. The frozen reference samples G videos per
-    condition (ODE, ``dpo.sampling_steps``), the rewards rank them, best and worst form the
-    pair; the loss compares the policy's and the reference's flow-matching errors on both
-    (``posttrain.dpo``), with the same noise and noise level for the two sides."""
+    """dpo: Diffusion-DPO (``posttrain.dpo``). With ``dpo.pairs="auto"`` the frozen reference
+    samples G videos per condition (ODE, ``dpo.sampling_steps``), the rewards rank them, best
+    and worst form the pair. With ``dpo.pairs`` a JSONL manifest of human labels the pairs
+    come from the data (``posttrain.preference_data``): the batch's ``video`` is the preferred
+    one, ``rejected_video`` the other, both encoded by the frozen VAE here. Either way the loss
+    compares the policy's and the reference's flow-matching errors on both sides, with the
+    same noise and noise level for the two."""
 
     section = "dpo"
 
     def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        if str(self.cfg.dpo.pairs) != "auto":
-            raise ValueError("dpo.pairs: only 'auto' (reward-ranked samples) runs in the "
-                             "trainer so far; a JSONL manifest is read by "
-                             "posttrain.dpo.read_preference_manifest but has no data "
-                             f"pipeline yet (got {self.cfg.dpo.pairs!r})")
+        cfg = kwargs["cfg"]
+        self.human_pairs = str(cfg.dpo.pairs) != "auto"
+        if self.human_pairs:   # no sampling, no rewards: the labels rank the pair
+            PosttrainStep.__init__(self, **kwargs)
+        else:
+            super().__init__(**kwargs)
+
+    def human_pair_step(self, state, frozen_params, batch, key):
+        """DPO on a labelled pair. Each side keeps its own clean prefix frames (the condition
+        both were generated from is the reference, audio and caption; a video's first latent
+        frame is its own). The preference is scored on the video latents; the motion stream
+        (from sidecars, zero without) is noised with the same noise and fed, but the labels
+        judge what they saw, the video."""
+        d = self.cfg.dpo
+        if "rejected_video" not in batch and "rejected_latents" not in batch:
+            raise ValueError("dpo.pairs names a manifest but the batch has no rejected_video "
+                             "(expected batches of posttrain.preference_data); it has "
+                             f"{sorted(batch)}")
+        cond_w, frozen = self.conditions(frozen_params, batch)
+        if "rejected_latents" in batch:
+            lat_l = batch["rejected_latents"].astype(jnp.float32)
+        else:
+            lat_l = jax.lax.stop_gradient(frozen["vae"].encode(
+                batch["rejected_video"].astype(jnp.float32) / 127.5 - 1.0))
+        tb_l = dataclasses.replace(cond_w.batch, latents=lat_l)
+        if cond_w.batch.motion is not None:
+            from avatarv_jax.models.motion import pack_motion
+            tb_l = dataclasses.replace(tb_l, motion=pack_motion(
+                batch.get("rejected_motion", batch["motion"]).astype(jnp.float32)))
+        cond_l = split_conditions(tb_l, self.num_prefix)
+        b = cond_w.size
+        k_sigma, k_eps = jax.random.split(key)
+        sigma = _sigmas_per_sample(k_sigma, b, self.cfg, cond_w.batch.latents, self.dit_cfg)
+        eps = _normal_like(k_eps, cond_w.x0)
+        x_w, x_l = cond_w.x0, cond_l.x0
+        xt_w, xt_l = noise_latents(x_w, eps, sigma), noise_latents(x_l, eps, sigma)
+        guidance = _guidance(self.cfg, b)
+        ref_t, ref_p = self.frozen["teacher"], frozen_params["teacher"]
+
+        def errors(template, params, cond, x_t, x_clean):
+            v = velocity_fn(template, params, cond, guidance=guidance)(x_t, sigma)
+            return dpo.flow_errors({"video": v["video"]}, {"video": x_clean["video"]},
+                                   {"video": eps["video"]})
+
+        e_rw = jax.lax.stop_gradient(errors(ref_t, ref_p, cond_w, xt_w, x_w))
+        e_rl = jax.lax.stop_gradient(errors(ref_t, ref_p, cond_l, xt_l, x_l))
+
+        def loss_fn(p):
+            e_pw = errors(self.dit, p, cond_w, xt_w, x_w)
+            e_pl = errors(self.dit, p, cond_l, xt_l, x_l)
+            return dpo.diffusion_dpo_loss(e_pw, e_pl, e_rw, e_rl, beta=float(d.beta))
+
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        extra = {"ref_error_preferred": e_rw.mean(), "ref_error_rejected": e_rl.mean()}
+        return self.apply_gradients(state, grads, loss, dict(terms, **extra))
 
     def train_step(self, state, frozen_params, batch, key):
+        if self.human_pairs:
+            return self.human_pair_step(state, frozen_params, batch, key)
+        self.check_reward_fields(batch)
         d = self.cfg.dpo
         cond, frozen = self.conditions(frozen_params, batch)
         b = cond.size
@@ -452,7 +542,7 @@ def train_flops_factor(cfg) -> float:
     backward = 3 forward passes). Counted passes: distill_cfg 3 teacher + 3 student;
     distill_dmd (n-1)/2 backward-simulation steps on average, 3 per fake update, real and
     fake scores, 3 generator (its one forward and the backward); grpo G x (S sampling + inner x T x (3 + 1 reference));
-    dpo G x S sampling + 2 reference + 2 x 3 policy."""
+    dpo G x S sampling + 2 reference + 2 x 3 policy (human pairs: no sampling)."""
     stage = cfg.stage
     if stage == "distill_cfg":
         passes = 6.0
@@ -466,7 +556,8 @@ def train_flops_factor(cfg) -> float:
                                       + int(g.inner_updates) * int(g.train_steps) * 4)
     elif stage == "dpo":
         d = cfg.dpo
-        passes = int(d.group_size) * int(d.sampling_steps) + 2 + 6
+        sampling = 0 if str(d.pairs) != "auto" else int(d.group_size) * int(d.sampling_steps)
+        passes = sampling + 2 + 6
     else:
         raise ValueError(f"{stage} is not a stage 4-5")
     return passes / 3.0

@@ -10,6 +10,9 @@
   distill_dmd  few-step generator by distribution matching (teacher = distill_cfg's student).
   grpo         Flow-GRPO on rewards, KL-tied to the frozen previous model.
   dpo          Diffusion-DPO on preference pairs (reward-ranked samples or a JSONL manifest).
+  sr           the SR refiner (DESIGN §4): flow matching on high-res clips conditioned on their
+               downscaled latents (training/sr_batch.py); data at inference.sr_scale x resolution.
+  distill_sr   the SR refiner distilled to one step by DMD (posttrain/sr_stages.py).
 
 Stages 4-5 train on SFT batches (``DATA_STAGE``) and keep the previous stage's DiT frozen as
 ``teacher`` (the teacher, the real score, or the reference model).
@@ -21,13 +24,16 @@ import ml_collections
 
 from avatarv_jax.config import get_model_config
 
-STAGES = ("t2v", "a2v", "sft", "distill_cfg", "distill_dmd", "grpo", "dpo")
+STAGES = ("t2v", "a2v", "sft", "distill_cfg", "distill_dmd", "grpo", "dpo", "sr", "distill_sr")
 POSTTRAIN_STAGES = ("distill_cfg", "distill_dmd", "grpo", "dpo")
 PREVIOUS_STAGE = {"t2v": None, "a2v": "t2v", "sft": "a2v", "distill_cfg": "sft",
-                  "distill_dmd": "distill_cfg", "grpo": "distill_dmd", "dpo": "distill_dmd"}
+                  "distill_dmd": "distill_cfg", "grpo": "distill_dmd", "dpo": "distill_dmd",
+                  "sr": "sft", "distill_sr": "sr"}
 # The batch contract each stage reads (data/pipelines.py): stages 4-5 use SFT batches.
 DATA_STAGE = {"t2v": "t2v", "a2v": "a2v", "sft": "sft", "distill_cfg": "sft",
-              "distill_dmd": "sft", "grpo": "sft", "dpo": "sft"}
+              "distill_dmd": "sft", "grpo": "sft", "dpo": "sft", "sr": "sft", "distill_sr": "sft"}
+# The SR refiner (DESIGN §4; posttrain/sr_stages.py): SFT batches at sr_scale x the resolution.
+SR_STAGES = ("sr", "distill_sr")
 
 
 def data_stage(stage: str) -> str:
@@ -76,7 +82,7 @@ def stage_config(stage: str, model: str) -> ml_collections.ConfigDict:
     if model not in _SCALE:
         raise ValueError(f"unknown model {model!r}; expected one of {sorted(_SCALE)}")
     scale = _SCALE[model]
-    cfg = get_model_config(model)
+    cfg = get_model_config(model, "sr" if stage in SR_STAGES else "")
     cfg.stage = stage
     if stage == "t2v":
         cfg.model.audio_dim = 0
@@ -112,6 +118,8 @@ def stage_config(stage: str, model: str) -> ml_collections.ConfigDict:
     _set(cfg.data, batch_size=scale["batch_size"], frames=scale["num_frames"],
          ref_frames=scale["ref_frames"], resolution=scale["resolution"],
          text_length=scale["text_max_length"])
+    if stage in SR_STAGES:
+        _sr_sections(cfg, stage, scale)
     # The previous stage's workdir (or step directory): parameter surgery initialises from it.
     cfg.init_from = ""
     cfg.init_from_ema = True
@@ -148,14 +156,36 @@ def _posttrain_sections(cfg: ml_collections.ConfigDict, stage: str, model: str) 
             clip_range=1e-4,              # on per-element log-ratios (Flow-GRPO)
             kl_weight=0.04,
             inner_updates=2,              # optimizer updates per batch of samples
-            reward_weights=dict(lip_sync=1.0, identity=1.0, motion_style=0.5),
+            # Probe rewards (AvatarWorld): lip_sync, identity, motion_style; on real video
+            # (posttrain.real_rewards): lse_c (needs mask_mouth/mask_face), face_similarity.
+            # Weight 0 = not computed; every reward is listed so flags can switch it on.
+            reward_weights=dict(lip_sync=1.0, identity=1.0, motion_style=0.5, lse_c=0.0,
+                                face_similarity=0.0),
         ))
     if stage == "dpo":
         cfg.dpo = ml_collections.ConfigDict(dict(
             beta=500.0 if not tiny else 50.0,
-            pairs="auto",                 # "auto": reward-ranked samples; or a JSONL manifest
+            # "auto": reward-ranked samples of the reference; or a JSONL manifest of human
+            # labels (posttrain.preference_data reads it; group_size, sampling_steps,
+            # min_reward_margin and reward_weights then go unused)
+            pairs="auto",
             group_size=4,                 # auto pairs: samples per condition
             sampling_steps=4,
             min_reward_margin=0.0,        # auto pairs closer than this are not used
-            reward_weights=dict(lip_sync=1.0, identity=1.0, motion_style=0.5),
+            reward_weights=dict(lip_sync=1.0, identity=1.0, motion_style=0.5, lse_c=0.0,
+                                face_similarity=0.0),
         ))
+
+
+def _sr_sections(cfg: ml_collections.ConfigDict, stage: str, scale: dict) -> None:
+    """The SR refiner's stages: data at ``inference.sr_scale`` x the base resolution; stage
+    ``sr`` samples with ``sampling.num_steps``, ``distill_sr`` is a one-step generator."""
+    cfg.data.resolution = int(scale["resolution"]) * int(cfg.inference.sr_scale)
+    cfg.train.sample_every = 0          # sample videos are the base model's (training/samples.py)
+    if stage == "distill_sr":
+        cfg.sampling.num_steps = 1      # what inference.sr_steps must be for this checkpoint
+        cfg.sampling.shift = 1.0
+        cfg.dmd = ml_collections.ConfigDict(dict(
+            fake_updates=2, fake_learning_rate=0.0,
+            backward_simulation=False))   # one step: the generator always starts from noise
+    cfg.inference.sr_steps = int(cfg.sampling.num_steps)

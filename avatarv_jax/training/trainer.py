@@ -36,7 +36,7 @@ from avatarv_jax.training.metrics import (MetricsWriter, dit_train_flops, peak_t
 from avatarv_jax.training.optimizer import make_optimizer, optimizer_groups
 from avatarv_jax.training.state import create_train_state
 from avatarv_jax.training.step import ModuleTemplate, TrainStepBuilder, module_params
-from avatarv_jax.training.stage_config import POSTTRAIN_STAGES, data_stage
+from avatarv_jax.training.stage_config import POSTTRAIN_STAGES, SR_STAGES, data_stage
 from avatarv_jax.training.surgery import transplant
 
 FROZEN = ckpt_lib.FROZEN_MODELS
@@ -94,6 +94,10 @@ def make_data(cfg) -> Iterable:
             resolution=int(d.resolution), text_len=int(d.text_length),
             motion_dim=int(cfg.model.motion_dim) or 10,
             seed=int(cfg.train.seed) * 1000 + jax.process_index(), latent_shape=latent)
+    if cfg.stage == "dpo" and str(cfg.dpo.pairs) != "auto":    # human preference pairs
+        from avatarv_jax.posttrain.preference_data import make_preference_pipeline
+        return make_preference_pipeline(cfg, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
     from avatarv_jax.data.pipelines import make_pipeline
     return make_pipeline(cfg.data, data_stage(cfg.stage), seed=int(cfg.train.seed),
                          process_index=jax.process_index(), process_count=jax.process_count())
@@ -139,7 +143,8 @@ def train(cfg, workdir: str | os.PathLike, *, data: Iterable | None = None,
     say = log or (lambda s: writer.log_line(s) if writer else print(s, flush=True))
     write_config(cfg, workdir)
 
-    posttrain = stage in POSTTRAIN_STAGES
+    # Stages with a frozen previous-stage DiT (``teacher``), started from that stage.
+    posttrain = stage in POSTTRAIN_STAGES or stage == "distill_sr"
     if cfg.init_from:
         ckpt_lib.resolve_step_dir(cfg.init_from)     # a bad path fails before any work
     init_vae = str(cfg.get("init_vae", "") or "")
@@ -154,7 +159,12 @@ def train(cfg, workdir: str | os.PathLike, *, data: Iterable | None = None,
     dit_t = templates["dit"]
     frozen_t = {k: templates[k] for k in FROZEN}
     builder_cls = TrainStepBuilder
-    if posttrain:
+    if stage in SR_STAGES:      # the SR refiner (posttrain/sr_stages.py)
+        from avatarv_jax.posttrain import sr_stages
+        builder_cls = sr_stages.BUILDERS[stage]
+        if posttrain:
+            frozen_t["teacher"] = sr_stages.teacher_template(cfg)
+    elif posttrain:
         from avatarv_jax.posttrain.stages import BUILDERS, teacher_template
         frozen_t["teacher"] = teacher_template(cfg)
         builder_cls = BUILDERS[stage]
@@ -290,6 +300,9 @@ def _batch_flops(cfg, batch: Mapping, stage: str) -> float:
     if stage in POSTTRAIN_STAGES:
         from avatarv_jax.posttrain.stages import train_flops_factor
         factor = train_flops_factor(cfg)
+    elif stage in SR_STAGES:
+        from avatarv_jax.posttrain.sr_stages import train_flops_factor as sr_flops_factor
+        factor = sr_flops_factor(cfg)
     return factor * _stage_flops(cfg, batch, data_stage(stage))
 
 
