@@ -1,7 +1,9 @@
 """The AvatarWorld probe: accuracy of the shipped weights on held-out data, and its plumbing."""
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from avatarv_jax.data.avatarworld import identity as idn
 from avatarv_jax.data.avatarworld import probe as pb
@@ -13,39 +15,31 @@ def probe():
     return pb.load_probe()
 
 
-# The issue's targets are mouth-opening R^2 >= 0.95 and static attributes >= 98 %. The shipped
-# probe meets both on the documented 24-clip held-out table (docs/avatarworld.md, "Probe":
-# R^2 0.963, 98.0 %) but not on this smaller set (6 clips: R^2 0.950, 97.1 %; 384 posed frames:
-# R^2 0.975, 96.8 %), so these floors sit a little under what it measures here and a regression
-# fails; raise them to the targets once a probe meets them on this set too.
-MOUTH_R2_FLOOR = 0.94
-ATTRIBUTE_FLOOR = 0.96            # mean over all 14 attributes, nose included
-ATTRIBUTE_FLOOR_WITHOUT_NOSE = 0.97
-NOSE_FLOOR = 0.75                 # the nose was read at chance (~31 %) before it was redrawn
-
-
-def _mean_without_nose(report):
-    acc, frames = report["attribute_accuracy"], report["attribute_frames"]
-    names = [n for n in idn.ATTRIBUTE_NAMES if n != "nose"]
-    return sum(acc[n] * frames[n] for n in names) / sum(frames[n] for n in names)
+# The issue's targets: mouth-opening R^2 >= 0.95 and static attributes >= 98 % on held-out people
+# in held-out scenes. The shipped probe meets them on the documented 24-clip table
+# (docs/avatarworld.md, "Probe": R^2 0.969, 99.4 %) and on this smaller set (12 clips: R^2 0.965,
+# 98.5 %; 384 posed frames: 0.985, 98.9 %), so the test holds the targets. Fewer clips are too
+# few: one hard-to-read mouth moves R^2 by 0.01 (8 clips: 0.945).
+MOUTH_R2_TARGET = 0.95
+ATTRIBUTE_TARGET = 0.98           # mean over all 14 attributes, over the frames that show each
+NOSE_FLOOR = 0.9                  # the weakest attribute (read at chance, ~31 %, before the redraw)
 
 
 def test_shipped_probe_accuracy_on_heldout_people_and_scenes(probe):
     """Held-out identities in held-out scenes: speech clips and random poses."""
-    clips = pt.evaluate_clips(probe, num_clips=6, duration_s=2.0, seed=77)
-    assert clips["motion_r2"]["mouth_open"] >= MOUTH_R2_FLOOR, clips["motion_r2"]
-    assert clips["mean_attribute_accuracy"] >= ATTRIBUTE_FLOOR, clips["attribute_accuracy"]
-    assert _mean_without_nose(clips) >= ATTRIBUTE_FLOOR_WITHOUT_NOSE
+    clips = pt.evaluate_clips(probe, num_clips=12, duration_s=2.0, seed=77)
+    assert clips["motion_r2"]["mouth_open"] >= MOUTH_R2_TARGET, clips["motion_r2"]
+    assert clips["mean_attribute_accuracy"] >= ATTRIBUTE_TARGET, clips["attribute_accuracy"]
     assert clips["attribute_accuracy"]["nose"] >= NOSE_FLOOR
+    assert clips["clip_attribute_accuracy"] >= ATTRIBUTE_TARGET
     posed = pt.evaluate_posed(probe, num_frames=384, seed=78)
-    assert posed["motion_r2"]["mouth_open"] >= MOUTH_R2_FLOOR
+    assert posed["motion_r2"]["mouth_open"] >= MOUTH_R2_TARGET
     assert posed["motion_r2"]["head_yaw"] >= 0.9 and posed["motion_r2"]["head_pitch"] >= 0.85
-    assert posed["mean_attribute_accuracy"] >= ATTRIBUTE_FLOOR, posed["attribute_accuracy"]
-    assert _mean_without_nose(posed) >= ATTRIBUTE_FLOOR_WITHOUT_NOSE
+    assert posed["mean_attribute_accuracy"] >= ATTRIBUTE_TARGET, posed["attribute_accuracy"]
     assert posed["attribute_accuracy"]["nose"] >= NOSE_FLOOR
     for name in ("teeth", "mark"):  # the attributes that only some frames show
         assert posed["attribute_frames"][name] > 30
-        assert posed["attribute_accuracy"][name] >= 0.85, name
+        assert posed["attribute_accuracy"][name] >= 0.9, name
 
 
 def test_probe_reads_larger_frames_and_clip_level_identity(probe):
@@ -94,3 +88,28 @@ def test_preprocess_sizes():
     assert np.asarray(pb.preprocess(frames[:, :96, :96])).shape == (2, 64, 64, 3)
     with pytest.raises(ValueError, match="frames must be"):
         pb.preprocess(frames[0])
+
+
+def test_with_strides_keeps_the_weights():
+    net = pb.make_probe_net(strides=(2, 1, 2, 2, 2), seed=4)
+    moved = pb.with_strides(net, (1, 2, 2, 2, 2))
+    assert moved.strides == (1, 2, 2, 2, 2)
+    for a, b in zip(jax.tree.leaves(nnx.state(net, nnx.Param)),
+                    jax.tree.leaves(nnx.state(moved, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    frames = np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    assert pb.Probe(moved).read(frames).motion.shape == (2, len(pb.mo.MOTION_FIELDS))
+    with pytest.raises(ValueError, match="trunk"):
+        pb.with_strides(net, (1, 1, 2, 2, 2))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--strides", "2,2"], "five strides"),
+    (["--strides", "1,2,x,2,2"], "comma-separated"),
+    (["--hires-fraction", "1.5"], "hires-fraction"),
+])
+def test_probe_train_cli_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        pt.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from avatarv_jax.data.avatarworld import cli, media, shards
+from avatarv_jax.data.avatarworld import render as rnd
 from avatarv_jax.data.avatarworld.clip import make_clip
 
 
@@ -51,6 +52,7 @@ def test_shards_and_manifest_round_trip(tmp_path, clips):
     assert manifest["num_clips"] == 3 and manifest["note"] == "test"
     on_disk = json.load(open(os.path.join(out, "manifest.json")))
     assert on_disk["motion_fields"][0] == "mouth_open" and on_disk["resolution"] == 64
+    assert on_disk["renderer_version"] == rnd.RENDERER_VERSION == 2   # data sets say how drawn
     assert on_disk["clips"][1]["language"] == "zh"
     ds = shards.AvatarWorldDataset(out)
     assert len(ds) == 3

@@ -216,6 +216,30 @@ def test_nose_variants_differ_clearly_in_a_frontal_64px_frame(identity_id):
         assert _changed_pixels(frames[i], frames[j]) >= 9, (i, j)
 
 
+@pytest.mark.parametrize("identity_id", [0, 3, 6])
+def test_mouth_widths_stay_apart_under_rounding_and_smile(identity_id):
+    """The widest-drawn narrow mouth (spread, smiling) is narrower than the narrowest-drawn
+    medium one (rounded, no smile), and so on up: rounding cannot pass one width off as another.
+    Rounding itself shows: a rounded mouth has fuller lips than a spread one of the same width."""
+    person, place = idn.sample_identity(identity_id), scn.sample_scene(identity_id)
+    a = idn.ATTRIBUTE_NAMES.index("mouth_width")
+
+    def mouth(width_class, **fields):
+        attrs = person.attributes.copy()
+        attrs[a] = width_class
+        mask = _render_one(dataclasses.replace(person, attributes=attrs), place,
+                           mouth_open=0.3, **fields).masks["mouth"][0]
+        cols, rows = np.nonzero(mask.any(0))[0], np.nonzero(mask.any(1))[0]
+        return cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1
+
+    for k in (0, 1):
+        widest = mouth(k, lip_round=0.0, smile=1.0)[0]
+        narrowest_next = mouth(k + 1, lip_round=1.0, smile=0.0)[0]
+        assert widest + 3 <= narrowest_next, (k, widest, narrowest_next)   # 128 px frames
+    spread, rounded = mouth(1, lip_round=0.0), mouth(1, lip_round=1.0)
+    assert rounded[1] >= spread[1] + 2, (spread, rounded)
+
+
 def test_open_mouth_changes_many_pixels_at_64px():
     """Opening the mouth fully changes the mouth region by several pixel rows at 64 px."""
     person, place = idn.sample_identity(2), scn.sample_scene(2)

@@ -41,6 +41,7 @@ CONDITIONAL_ATTRIBUTES = {
     "teeth": "seen only while the mouth is open",
     "mark": "on the side of the face, seen only while the head is turned to the camera's right",
     "eye_color": "hidden while the eyes are closed",
+    "eye_shape": "hidden while the eyes are closed (the lid covers the eye's height)",
 }
 
 # name -> (low, high) physical range; the style vector holds (value - low) / (high - low).

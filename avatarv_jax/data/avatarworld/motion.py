@@ -16,7 +16,7 @@ from avatarv_jax.data.avatarworld.identity import style_to_physical
 # name -> (low, high). Order is the order in the vector.
 MOTION_RANGES: dict[str, tuple[float, float]] = {
     "mouth_open": (0.0, 1.0),   # jaw/lip opening; 0 = lips together
-    "lip_round": (0.0, 1.0),    # 0 = spread lips, 1 = rounded (narrower) lips
+    "lip_round": (0.0, 1.0),    # 0 = spread lips, 1 = pursed (fuller, round opening)
     "head_yaw": (-1.0, 1.0),    # +1 = turned 43 degrees to the image's right
     "head_pitch": (-1.0, 1.0),  # +1 = nodded 20 degrees down
     "head_roll": (-1.0, 1.0),   # +1 = tilted 11.5 degrees clockwise
@@ -33,7 +33,7 @@ MOTION_HIGH = np.array([hi for _, hi in MOTION_RANGES.values()], np.float32)
 
 TEETH_VISIBLE_OPEN = 0.5    # the teeth pattern can be read when mouth_open >= this
 MARK_VISIBLE_YAW = 0.6      # the side mark faces the camera when head_yaw >= this
-EYES_VISIBLE_BLINK = 0.5    # eye colour can be read when blink <= this
+EYES_VISIBLE_BLINK = 0.5    # eye colour and shape can be read when blink <= this
 
 BLINK_PROFILE = np.array([0.45, 1.0, 1.0, 0.6, 0.2], np.float32)
 
@@ -47,7 +47,8 @@ def attribute_visibility(motion: np.ndarray) -> dict[str, np.ndarray]:
     """bool [...] per conditional attribute: can this frame show it?"""
     return {"teeth": field(motion, "mouth_open") >= TEETH_VISIBLE_OPEN,
             "mark": field(motion, "head_yaw") >= MARK_VISIBLE_YAW,
-            "eye_color": field(motion, "blink") <= EYES_VISIBLE_BLINK}
+            "eye_color": field(motion, "blink") <= EYES_VISIBLE_BLINK,
+            "eye_shape": field(motion, "blink") <= EYES_VISIBLE_BLINK}
 
 
 def _smooth(x: np.ndarray, width: int) -> np.ndarray:

@@ -35,11 +35,16 @@ NUM_LOGITS = int(CLASS_OFFSETS[-1])
 EMBEDDING_DIM = NUM_LOGITS
 
 
+DEFAULT_STRIDES = (1, 2, 2, 2, 2)
+"""The first convolution sees the 64 px input at full resolution: the features that tell noses,
+eye shapes and mouth widths apart are one or two pixels wide there."""
+
+
 class ProbeNet(nnx.Module):
-    """3x3 convolutions with group norm (stride 2 except the second), a dense trunk, two heads."""
+    """3x3 convolutions with group norm (the later ones strided), a dense trunk, two heads."""
 
     def __init__(self, *, channels: tuple[int, ...] = (24, 48, 64, 96, 128),
-                 strides: tuple[int, ...] = (2, 1, 2, 2, 2), hidden: int = 192, rngs: nnx.Rngs):
+                 strides: tuple[int, ...] = DEFAULT_STRIDES, hidden: int = 192, rngs: nnx.Rngs):
         if len(channels) != len(strides):
             raise ValueError("channels and strides must have the same length")
         self.channels, self.strides, self.hidden = tuple(channels), tuple(strides), hidden
@@ -195,7 +200,19 @@ def load_probe(path: str | None = None) -> Probe:
     return Probe(model, json.loads(metadata.get("meta", "{}")))
 
 
-def make_probe_net(channels=(24, 48, 64, 96, 128), strides=(2, 1, 2, 2, 2), hidden: int = 192,
+def make_probe_net(channels=(24, 48, 64, 96, 128), strides=DEFAULT_STRIDES, hidden: int = 192,
                    seed: int = 0) -> ProbeNet:
     return ProbeNet(channels=tuple(channels), strides=tuple(strides), hidden=hidden,
                     rngs=nnx.Rngs(seed))
+
+
+def with_strides(model: ProbeNet, strides: tuple[int, ...]) -> ProbeNet:
+    """A copy of ``model`` with other conv strides and the same weights (the shapes do not
+    depend on the strides as long as the last feature map stays the same size): a warm start
+    for a probe that looks at the full-resolution input before downsampling."""
+    out = make_probe_net(model.channels, strides, model.hidden)
+    if out.trunk.kernel.shape != model.trunk.kernel.shape:
+        raise ValueError(f"strides {strides} change the trunk's input size; the weights of "
+                         f"strides {model.strides} do not fit")
+    nnx.update(out, nnx.state(model, nnx.Param))
+    return out

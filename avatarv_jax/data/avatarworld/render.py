@@ -41,13 +41,18 @@ EYE_HALF_WIDTH = (0.21, 0.25, 0.28)
 BROW_THICK = (0.035, 0.09, 0.05)          # per brow_style
 BROW_ARCH = (0.0, 0.0, 0.17)
 BROW_HALF_WIDTH = (0.2, 0.28, 0.3)
-MOUTH_HALF_WIDTH = (0.22, 0.34, 0.47)     # per mouth_width
+MOUTH_HALF_WIDTH = (0.20, 0.33, 0.48)     # per mouth_width: apart under any rounding and smile
 TEETH_WHITE = C(0.97, 0.96, 0.90)
 GOLD = C(0.95, 0.75, 0.12)
 BRACES = C(0.20, 0.45, 0.90)
 MOUTH_DARK = C(0.22, 0.04, 0.07)
 HEADBAND = C(0.88, 0.12, 0.58)
 MARK_THETA, MARK_PHI = -1.6, 0.25
+
+RENDERER_VERSION = 2
+"""Written into data-set manifests. 2: lip rounding purses the lips instead of only narrowing
+them (mouth widths no longer overlap); the mouth opens downwards and the nose sits a little
+higher (an open mouth no longer covers it); the long nose is lit along its ridge."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,7 +321,7 @@ def _draw_head(img, h: _Head, attr, skin, hair, lx, ly, texture_seed) -> dict[st
     # tip with a highlight, a broad dark bar, a long bridge from between the eyes), all above
     # the top of the lips even with the mouth wide open.
     nu, ncu = h.lon(0.0)
-    nv, _ = h.lat(0.12)
+    nv, _ = h.lat(0.06)
     nose = attr["nose"]
     dark = skin_px * 0.5
     if nose == 0:  # button: a small round tip with a bright highlight
@@ -326,9 +331,10 @@ def _draw_head(img, h: _Head, attr, skin, hair, lx, ly, texture_seed) -> dict[st
     elif nose == 1:  # wide: a broad dark bar with wide-set nostrils
         _over(img, h.ell(nu, nv + 0.08, 0.34 * ncu, 0.075), dark)
         spread, size = 0.2, 0.05
-    else:  # long: a bridge down from between the eyes to a narrow tip
-        _over(img, h.ell(nu, nv - 0.12, 0.06 * ncu, 0.30), dark)
-        _over(img, h.ell(nu, nv + 0.14, 0.09 * ncu, 0.06), dark)
+    else:  # long: a bridge down from between the eyes to a narrow tip, lit along its ridge
+        _over(img, h.ell(nu, nv - 0.12, 0.10 * ncu, 0.30), dark)
+        _over(img, h.ell(nu, nv - 0.12, 0.045 * ncu, 0.26), skin_px * 0.45 + 0.55)
+        _over(img, h.ell(nu, nv + 0.12, 0.09 * ncu, 0.06), dark)
         spread, size = 0.05, 0.025
     for side in (-1.0, 1.0):
         _over(img, h.ell(nu + side * spread * ncu, nv + 0.13, size * ncu, 0.025), skin * 0.25)
@@ -336,14 +342,19 @@ def _draw_head(img, h: _Head, attr, skin, hair, lx, ly, texture_seed) -> dict[st
     # Mouth: lips, the opening and the teeth pattern (only seen when open).
     mu0, mcu0 = h.lon(0.0)
     opening, rounding, smile = mo["mouth_open"], mo["lip_round"], mo["smile"]
-    mv0 = h.lat(0.45)[0] + 0.05 * opening  # the jaw drops as the mouth opens
-    hw = MOUTH_HALF_WIDTH[attr["mouth_width"]] * mcu0 * (1 - 0.3 * rounding) * (1 + 0.15 * smile)
+    # The jaw drops as the mouth opens: the opening grows mostly downwards, so even a wide,
+    # rounded mouth opened fully stays below the nose.
+    mv0 = h.lat(0.45)[0] + 0.13 * opening
+    # Rounding purses the lips (fuller lips, a narrower and rounder opening) and narrows the
+    # mouth only a little, so the three mouth widths stay apart under any rounding and smile
+    # (width factor 0.88-1.06): a narrow rounded mouth never looks like a medium spread one.
+    hw = MOUTH_HALF_WIDTH[attr["mouth_width"]] * mcu0 * (1 - 0.12 * rounding) * (1 + 0.06 * smile)
     du = u - mu0
     dv = v - mv0 + 0.12 * smile * (du / hw) ** 2
     oh = 0.015 + 0.26 * opening
-    lips = _ellipse(du, dv, 0, 0, hw, 0.065 + oh, pu, pv)
+    lips = _ellipse(du, dv, 0, 0, hw, 0.065 + 0.035 * rounding + oh, pu, pv)
     _over(img, lips, LIPS[attr["lip_color"]] * shade[..., None])
-    inner = _ellipse(du, dv, 0, 0, 0.82 * hw, oh, pu, pv)
+    inner = _ellipse(du, dv, 0, 0, 0.82 * (1 - 0.35 * rounding) * hw, oh, pu, pv)
     _over(img, inner, MOUTH_DARK)
     teeth_line = -oh + 1.1 * oh  # the teeth fill the upper 55 % of the opening
     # teeth only inside the real opening: a shut mouth (opening 0) shows none of them

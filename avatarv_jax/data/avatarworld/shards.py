@@ -28,6 +28,7 @@ import numpy as np
 
 from avatarv_jax.data.avatarworld import identity as idn
 from avatarv_jax.data.avatarworld import motion as mo
+from avatarv_jax.data.avatarworld import render as rnd
 from avatarv_jax.data.avatarworld import speech
 from avatarv_jax.data.avatarworld.clip import Clip
 from avatarv_jax.data.shard_reader import MANIFEST, ShardedRecords, array_record_module
@@ -86,6 +87,7 @@ def describe_world() -> dict[str, Any]:
         "dynamic_style_ranges": {k: list(v) for k, v in idn.DYNAMIC_STYLE_RANGES.items()},
         "heldout_rule": f"id % {idn.HELDOUT_MODULUS} == {idn.HELDOUT_MODULUS - 1}",
         "world_seed": idn.WORLD_SEED,
+        "renderer_version": rnd.RENDERER_VERSION,
     }
 
 
