@@ -8,7 +8,7 @@ and the update:
 * mouth crops: one square box per clip from the batch's ``mask_mouth`` / ``mask_face``
   (centre of the mouth mask's box over the clip's frames, side ``MOUTH_BOX_SCALE`` times the
   face mask's height; the eval front end takes medians over frames, here the union box, which
-  is the same for a steady head), grey levels sampled with an antialiased linear resize
+  reaches up to 2 px lower at 64 px where the jaw drops), grey levels sampled with an antialiased linear resize
   (``jax.image.scale_and_translate``) at the SyncNet's crop size;
 * MFCCs of the driving audio: ``eval/frontends.mfcc`` written in ``jnp`` (same pre-emphasis,
   Hamming window, mel bank, log floor and DCT; a test checks it against the numpy one);

@@ -30,7 +30,7 @@ from avatarv_jax.diffusion.objective import TrainBatch
 from avatarv_jax.diffusion.samplers import sigma_schedule
 from avatarv_jax.models.dit import DiT, DiTConfig, GenInputs, RefInputs
 from avatarv_jax.posttrain import dmd, dpo, grpo, guidance_distill, sde
-from avatarv_jax.training.batch import encode_batch
+from avatarv_jax.training.batch import _latents, _pixels, encode_batch
 from avatarv_jax.training.optimizer import make_optimizer
 from avatarv_jax.training.stage_config import POSTTRAIN_STAGES, data_stage
 from avatarv_jax.training.step import ModuleTemplate, TrainStepBuilder
@@ -167,7 +167,7 @@ class PosttrainStep(TrainStepBuilder):
 
     def reference_frames(self, frozen, batch, cond: Conditions) -> jax.Array:
         if "ref_video" in batch:
-            return batch["ref_video"].astype(jnp.float32) / 127.5 - 1.0
+            return _pixels(batch["ref_video"])
         return jax.lax.stop_gradient(frozen["vae"].decode(cond.batch.ref_latents))
 
 
@@ -450,11 +450,7 @@ class DPOStep(_RewardedStep):
                              "(expected batches of posttrain.preference_data); it has "
                              f"{sorted(batch)}")
         cond_w, frozen = self.conditions(frozen_params, batch)
-        if "rejected_latents" in batch:
-            lat_l = batch["rejected_latents"].astype(jnp.float32)
-        else:
-            lat_l = jax.lax.stop_gradient(frozen["vae"].encode(
-                batch["rejected_video"].astype(jnp.float32) / 127.5 - 1.0))
+        lat_l = _latents(frozen["vae"], batch, "rejected_video", "rejected_latents")
         tb_l = dataclasses.replace(cond_w.batch, latents=lat_l)
         if cond_w.batch.motion is not None:
             from avatarv_jax.models.motion import pack_motion
