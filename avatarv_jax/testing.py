@@ -71,6 +71,21 @@ def sigterm_at(dataset, kill_at: int | None):
     return dataset.map_with_index(maybe_kill)
 
 
+def quick_stage_config(stage: str, num_steps: int, init_from: str = "", warmup_steps: int = 1):
+    """The tiny config of ``stage`` as the trainer tests run it: ``num_steps`` steps of batch 2,
+    a log line per step, no progress bar, checkpoints only at SIGTERM and at the end."""
+    from avatarv_jax.training.stage_config import stage_config
+    cfg = stage_config(stage, "tiny")
+    cfg.init_from = init_from
+    cfg.train.num_steps = num_steps
+    cfg.train.log_every = 1
+    cfg.train.progress_bar = False
+    cfg.optimizer.warmup_steps = warmup_steps
+    cfg.checkpoint.every_steps = 100
+    cfg.data.batch_size = 2
+    return cfg
+
+
 def posttrain_setup(cfg, total_steps: int):
     """(builder, state, frozen params) of a stage-4/5 step for ``cfg`` (tiny): fresh models with
     the zero-initialised layers perturbed, the student's copy as the frozen ``teacher``, no EMA.

@@ -197,18 +197,11 @@ print("RESULT", a["step"], a["stopped"], b["step"], b["stopped"], r["step"], r["
 
 
 def resume_config(manifest_path, init_from):
-    from avatarv_jax.training.stage_config import stage_config
+    from avatarv_jax.testing import quick_stage_config
 
-    cfg = stage_config("dpo", "tiny")
+    cfg = quick_stage_config("dpo", RESUME_STEPS, init_from)
     cfg.dpo.pairs = str(manifest_path)
-    cfg.init_from = init_from
-    cfg.train.num_steps = RESUME_STEPS
-    cfg.train.log_every = 1
-    cfg.train.progress_bar = False
-    cfg.optimizer.warmup_steps = 1
-    cfg.checkpoint.every_steps = 100          # only the SIGTERM and final saves
     cfg.data.frames, cfg.data.ref_frames, cfg.data.resolution = FRAMES, REF_FRAMES, SIZE
-    cfg.data.batch_size = 2
     return cfg
 
 

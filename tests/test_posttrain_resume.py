@@ -60,15 +60,8 @@ def data(kill_at=None):
 
 
 def stage_config_for(stage, init_from):
-    from avatarv_jax.training.stage_config import stage_config
-    cfg = stage_config(stage, "tiny")
-    cfg.init_from = init_from
-    cfg.train.num_steps = NUM_STEPS
-    cfg.train.log_every = 1
-    cfg.train.progress_bar = False
-    cfg.optimizer.warmup_steps = 1
-    cfg.checkpoint.every_steps = 100      # only the SIGTERM and final saves
-    cfg.data.batch_size = 2
+    from avatarv_jax.testing import quick_stage_config
+    cfg = quick_stage_config(stage, NUM_STEPS, init_from)
     if stage == "grpo":
         cfg.grpo.group_size = 2
         cfg.grpo.sampling_steps = 2

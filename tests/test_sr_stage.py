@@ -45,16 +45,8 @@ def data(num, kill_at=None):
 
 
 def config_for(stage, init_from, num_steps):
-    from avatarv_jax.training.stage_config import stage_config
-    cfg = stage_config(stage, "tiny")
-    cfg.init_from = init_from
-    cfg.train.num_steps = num_steps
-    cfg.train.log_every = 1
-    cfg.train.progress_bar = False
-    cfg.optimizer.warmup_steps = 1
-    cfg.checkpoint.every_steps = 100       # only the SIGTERM and final saves
-    cfg.data.batch_size = 2
-    return cfg
+    from avatarv_jax.testing import quick_stage_config
+    return quick_stage_config(stage, num_steps, init_from)
 
 
 def numeric(batch):

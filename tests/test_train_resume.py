@@ -39,15 +39,8 @@ def data(kill_at=None):
 
 
 def tiny_config():
-    from avatarv_jax.training.stage_config import stage_config
-    cfg = stage_config("t2v", "tiny")
-    cfg.train.num_steps = NUM_STEPS
-    cfg.train.log_every = 1
-    cfg.train.progress_bar = False
-    cfg.optimizer.warmup_steps = 2
-    cfg.checkpoint.every_steps = 100      # only the SIGTERM and final saves
-    cfg.data.batch_size = 2
-    return cfg
+    from avatarv_jax.testing import quick_stage_config
+    return quick_stage_config("t2v", NUM_STEPS, warmup_steps=2)
 
 
 def _params(workdir):
