@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -134,3 +136,40 @@ def write_astronaut_videos(root, size: int, num_frames: int):
         write_mp4(str(ref / f"{name}.mp4"), frames, audio)
         write_mp4(str(gen / f"{name}.mp4"), frames[::-1].copy(), audio)
     return gen, ref
+
+
+def attention_impl_errors(cfg: DiTConfig, impl: str):
+    """The tiny DiT with ``attention_impl=impl`` against the dense-mask ``xla`` one (same
+    parameters; REF valid frames [2, 1]): ({output: (max abs error, relative error)}, worst
+    relative parameter-gradient error)."""
+    graphdef, state = nnx.split(perturb_zero_init(DiT(cfg, rngs=nnx.Rngs(0))))
+    gen, ref = random_inputs(cfg, batch=2, gen_frames=2, ref_frames=2, size=(4, 4),
+                             prefix_frames=1)
+    ref = ref.replace(valid_frames=jnp.array([2, 1]))
+    other = nnx.graphdef(DiT(dataclasses.replace(cfg, attention_impl=impl), rngs=nnx.Rngs(0)))
+
+    def run(graphdef):
+        def loss(state):
+            out = nnx.merge(graphdef, state)(gen, ref)
+            return jnp.mean(out["video"] ** 2) + jnp.mean(out["motion"] ** 2), out
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
+
+    (_, want), want_grads = run(graphdef)
+    (_, got), got_grads = run(other)
+    outputs = {}
+    for key in ("video", "motion"):
+        err = float(jnp.abs(got[key] - want[key]).max())
+        outputs[key] = (err, err / float(jnp.abs(want[key]).max()))
+    worst = max(jax.tree.leaves(jax.tree.map(
+        lambda a, b: float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-6)),
+        got_grads, want_grads)))
+    return outputs, worst
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` of this checkout (scripts, not package modules)."""
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

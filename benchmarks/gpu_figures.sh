@@ -7,11 +7,14 @@
 #   bash benchmarks/gpu_figures.sh train OUT    # 1.3B train step at 480p (MFU), the kernel at
 #                                               # its default tiles, and against the dense-mask
 #                                               # reference where that fits
+#   bash benchmarks/gpu_figures.sh mfu OUT      # the cuDNN composition's tests on the GPU, then
+#                                               # the 1.3B step per attention implementation and
+#                                               # remat policy, with a per-kernel profile
 #
 # Logs and JSON land in OUT (default benchmarks/results/gpu). Wheels in .whl/ (grain,
 # ml_collections, ...) are installed into /tmp/site first when present.
 set -u
-what=${1:?usage: gpu_figures.sh kernel|train [OUT]}
+what=${1:?usage: gpu_figures.sh kernel|train|mfu [OUT]}
 out=${2:-benchmarks/results/gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -23,7 +26,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 # Without an install, avatarv_jax.kernels is the top-level kernels/ folder (setup.py maps it).
-if ! $py -c "import avatarv_jax.kernels" 2>/dev/null; then
+if ! (cd / && $py -c "import avatarv_jax.kernels" 2>/dev/null); then
     [ -e avatarv_jax/kernels ] || ln -s ../kernels avatarv_jax/kernels
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -64,8 +67,21 @@ train)
         --multiples 1,2,4 --repeats 5 ${SRA_BLOCKS:+--blocks $SRA_BLOCKS} \
         --out "$out/sra_kernel_dense.json"
     ;;
+mfu)
+    [ -n "${SKIP_TESTS:-}" ] || step cudnn_tests 150 env XLA_PYTHON_CLIENT_PREALLOCATE=false \
+        $py -m pytest -q -x -p no:cacheprovider tests/test_sra_cudnn.py
+    # VARIANTS: impl:remat[:row_padding] (each ~100 s with the compile), fastest expected first.
+    for v in ${VARIANTS:-cudnn:attention pallas:attention cudnn:attention:off}; do
+        IFS=: read -r impl remat padding <<<"$v"
+        padding=${padding:-auto}
+        step "train_step_${impl}_${remat}_${padding}" 200 $py benchmarks/train_step.py \
+            --model avatar_v_1_3b --gpu-figure --steps 3 --profile --row-padding "$padding" \
+            --attention-impl "$impl" --remat "$remat" --tag "${impl}_${remat}_${padding}" \
+            --out "$out"
+    done
+    ;;
 *)
-    echo "unknown figure set $what: use kernel or train" >&2
+    echo "unknown figure set $what: use kernel, train or mfu" >&2
     exit 2
     ;;
 esac

@@ -14,10 +14,10 @@ forward+backward of:
 - ``pallas``: the block-sparse kernel (``kernels/sra_pallas.py``; interpret mode on CPU, so
   CPU times say nothing about GPU speed);
 - ``xla``: the dense-mask reference (skipped where its [B, H, S, S] logits would not fit);
-- ``cudnn`` (GPU only): the strongest composition of library kernels: GEN rows by one
-  ``jax.nn.dot_product_attention(implementation="cudnn")`` over the concatenated REF+GEN keys
-  (the public API returns no log-sum-exp, so the two key segments are joined rather than
-  merged by LSE) and REF rows by a second call batched per latent frame (``ref_window=0``).
+- ``cudnn`` (GPU only): ``attention_impl="cudnn"`` (``kernels/sra_cudnn.py``), the strongest
+  composition of library kernels: GEN rows by one cuDNN attention call over the concatenated
+  GEN+REF keys (the public API returns no log-sum-exp, so the two key segments are joined
+  rather than merged by LSE) and REF rows by a second call batched per latent frame.
 
 TFLOP/s count only allowed query-key pairs (``SRALayout.allowed_pairs``): 4 flops per pair and
 head dim forward, 2.5x that backward. Saves JSON to ``benchmarks/results/sra_kernel_<dev>.json``
@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from avatarv_jax.kernels.sra_layout import SRALayout
+from avatarv_jax.kernels.sra_cudnn import sra_cudnn
 from avatarv_jax.kernels.sra_pallas import BlockSizes, sra_pallas
 from avatarv_jax.kernels.sra_reference import sra_reference
 from avatarv_jax.tools.bench_io import device_name, device_tag, write_json
@@ -45,24 +46,10 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def cudnn_composition(layout: SRALayout):
-    """REF rows per frame + GEN rows over [REF | GEN], two cuDNN attention calls."""
+    """REF rows per frame + GEN rows over [GEN | REF]: ``attention_impl="cudnn"``."""
     if layout.ref_window != 0 or layout.gen_window != -1:
         raise ValueError("the cuDNN composition covers ref_window=0, gen_window=-1 only")
-    t = layout.tokens_per_frame
-
-    def fn(q_ref, k_ref, v_ref, q_gen, k_gen, v_gen):
-        b, _, h, d = q_ref.shape
-
-        def per_frame(x):
-            return x.reshape(b * layout.ref_frames, t, h, d)
-
-        o_ref = jax.nn.dot_product_attention(per_frame(q_ref), per_frame(k_ref),
-                                             per_frame(v_ref), implementation="cudnn")
-        o_gen = jax.nn.dot_product_attention(
-            q_gen, jnp.concatenate([k_ref, k_gen], 1), jnp.concatenate([v_ref, v_gen], 1),
-            implementation="cudnn")
-        return o_ref.reshape(q_ref.shape), o_gen
-    return fn
+    return lambda *a: sra_cudnn(*a, layout=layout, implementation="cudnn")
 
 
 def implementations(layout: SRALayout, blocks: BlockSizes | None, on_gpu: bool) -> dict:

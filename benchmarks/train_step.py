@@ -3,8 +3,11 @@
     python benchmarks/train_step.py                       # CPU: tiny sft step, pixels in
     python benchmarks/train_step.py --model avatar_v_1_3b --gpu-figure
         # the issue's GPU figure: 1.3B, 480p (480x832), 81 frames, REF of 8 latent frames, bf16,
-        # attention by the Pallas SRA kernel (the dense-mask reference needs ~100 GB of logits),
-        # full remat (the preset's "dots" policy needs ~107 GB on one device)
+        # attention by cuDNN (the SRA rule as dense calls; the dense-mask reference needs
+        # ~100 GB of logits), remat keeping only the attention kernels' outputs (the preset's
+        # "dots" policy needs ~107 GB on one device)
+    python benchmarks/train_step.py --model avatar_v_1_3b --gpu-figure --profile
+        # also where the device time goes: per kernel and per kind, into the JSON
 
 Writes ``benchmarks/results/train_step_<device>.json``. Times are the median of ``--steps``
 steps after one warm-up (compile) step. FLOPs come from the explicit formula in
@@ -25,6 +28,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from avatarv_jax.layers import linear
 from avatarv_jax.models import factory
 from avatarv_jax.models.dit import DiT
 from avatarv_jax.parallel.mesh import make_mesh
@@ -34,6 +38,7 @@ from avatarv_jax.training.stage_config import stage_config
 from avatarv_jax.training.state import create_train_state
 from avatarv_jax.training.step import ModuleTemplate, TrainStepBuilder, module_params
 from avatarv_jax.training.synthetic import synthetic_batch
+from avatarv_jax.tools import device_profile
 from avatarv_jax.tools.bench_io import device_name, device_tag, write_json
 
 
@@ -52,12 +57,19 @@ def main():
                         help="480x832, 81 frames, REF 29 frames (8 latent), batch 1, features in")
     parser.add_argument("--features", action="store_true",
                         help="precomputed latents, text and audio features (no frozen encoders)")
-    parser.add_argument("--attention-impl", default=None, choices=("xla", "pallas"),
-                        help="attention of the DiT (default: the config's; pallas with "
+    parser.add_argument("--attention-impl", default=None, choices=("xla", "pallas", "cudnn"),
+                        help="attention of the DiT (default: the config's; cudnn with "
                              "--gpu-figure)")
-    parser.add_argument("--remat", default=None, choices=("none", "dots", "full"),
-                        help="remat policy of the DiT (default: the config's; full with "
+    parser.add_argument("--remat", default=None, choices=("none", "dots", "full", "attention"),
+                        help="remat policy of the DiT (default: the config's; attention with "
                              "--gpu-figure, where the 1.3B preset's dots needs ~107 GB)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more step: device time per kernel and per kind "
+                             "(matmul, attention, other) into the JSON")
+    parser.add_argument("--row-padding", default="auto", choices=("auto", "on", "off"),
+                        help="Dense layers pad the token axis to 8-aligned GEMM rows "
+                             "(auto: on GPUs)")
+    parser.add_argument("--tag", default="", help="suffix of the result file name")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     features = args.gpu_figure or args.features
@@ -65,12 +77,13 @@ def main():
         args.batch, args.frames, args.ref_frames = 1, 81, 29
         args.height, args.width, args.text_len = 480, 832, 512
 
+    linear.row_padding = args.row_padding
     cfg = stage_config(args.stage, args.model)
     cfg.optimizer.warmup_steps = 0
-    impl = args.attention_impl or ("pallas" if args.gpu_figure else None)
+    impl = args.attention_impl or ("cudnn" if args.gpu_figure else None)
     if impl:
         cfg.model.attention_impl = impl
-    remat = args.remat or ("full" if args.gpu_figure else None)
+    remat = args.remat or ("attention" if args.gpu_figure else None)
     if remat:
         cfg.model.remat_policy = remat
     dit_cfg = factory.dit_config(cfg)
@@ -128,6 +141,14 @@ def main():
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
+    profile = None
+    if args.profile:
+        def one_step():
+            nonlocal state
+            state, m = step(state, frozen, device_batch)
+            jax.block_until_ready(m)
+        profile = device_profile.profile_call(one_step)
+        print(device_profile.format_summary(profile))
 
     f_gen = 1 + (args.frames - 1) // 4
     f_ref = 0 if args.stage == "t2v" else (1 if args.stage == "a2v" else 1 + (args.ref_frames - 1) // 4)
@@ -150,15 +171,18 @@ def main():
         "step_s_all": times, "model_tflop_per_step": flops / 1e12,
         "tflops_per_device": tflops, "peak_tflops_per_device": peak,
         "mfu": tflops / peak if peak else None, "loss": float(metrics["loss"]),
-        "attention_impl": dit_cfg.attention_impl,
+        "attention_impl": dit_cfg.attention_impl, "row_padding": args.row_padding,
         "peak_memory_gib": (memory["peak_bytes_in_use"] / 2 ** 30
                             if "peak_bytes_in_use" in memory else None),
         "jax": jax.__version__,
     }
+    if profile is not None:
+        result["profile"] = profile
     print(json.dumps(result, indent=2))
     os.makedirs(args.out, exist_ok=True)
     tag = device_tag() + ("_" + args.model if args.model != "tiny" else "") + (
-        "_features" if features and not args.gpu_figure else "")
+        "_features" if features and not args.gpu_figure else "") + (
+        "_" + args.tag if args.tag else "")
     path = os.path.join(args.out, f"train_step_{tag}.json")
     write_json(result, path, indent=2)
     print(f"wrote {path}")

@@ -11,6 +11,8 @@ Each kernel sits beside its pure-JAX reference:
 - ``sra_pallas``: the block-sparse flash SRA kernel (Triton lowering, any NVIDIA GPU), forward
   and ``custom_vjp`` backward; registers ``attention_impl="pallas"`` on import.
 - ``sra_tpu``: the Mosaic TPU variant, with the block tables as scalar prefetch.
+- ``sra_cudnn``: the rule (default windows) as dense ``jax.nn.dot_product_attention`` calls,
+  cuDNN's flash kernels on a GPU; registers ``attention_impl="cudnn"`` on import.
 
 On CPU every kernel runs in Pallas interpret mode (chosen automatically).
 """

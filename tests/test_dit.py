@@ -155,3 +155,30 @@ def test_motion_dim_matches_avatarworld():
     from avatarv_jax.config import MOTION_DIM
     from avatarv_jax.data.avatarworld.motion import MOTION_DIM as WORLD_MOTION_DIM
     assert MOTION_DIM == WORLD_MOTION_DIM
+
+
+def test_token_padding_for_aligned_gemms_changes_nothing(model, monkeypatch):
+    """Dense pads the token axis to 8-aligned GEMM rows on GPUs; forced on here (every size),
+    the outputs and parameter gradients equal the unpadded ones."""
+    from avatarv_jax.layers import linear
+    gen, ref = random_inputs(model.cfg, gen_frames=3, ref_frames=2, size=(4, 6), seed=5)
+    graphdef, state = nnx.split(model)
+
+    def loss(state):
+        out = nnx.merge(graphdef, state)(gen, ref)
+        return jnp.mean(out["video"] ** 2) + jnp.mean(out["motion"] ** 2), out
+
+    results = {}
+    for mode in ("off", "on"):
+        monkeypatch.setattr(linear, "row_padding", mode)
+        monkeypatch.setattr(linear, "MIN_PADDED_ROWS", 0)
+        hidden = jnp.zeros((2, 3, 25, model.cfg.dim))        # 3 frames x (24 patches + motion)
+        assert linear._token_padding(hidden) == (7 if mode == "on" else 0)
+        results[mode] = jax.value_and_grad(loss, has_aux=True)(state)
+    (_, out_off), grads_off = results["off"]
+    (_, out_on), grads_on = results["on"]
+    for key in ("video", "motion"):
+        np.testing.assert_allclose(out_on[key], out_off[key], atol=1e-6)
+    worst = max(jax.tree.leaves(jax.tree.map(
+        lambda a, b: float(jnp.abs(a - b).max()), grads_on, grads_off)))
+    assert worst <= 1e-6, worst

@@ -1,23 +1,19 @@
 """The block-sparse Pallas SRA kernel against the dense-mask reference (interpret mode on CPU)."""
 
 import dataclasses
-import importlib.util
 import json
-import pathlib
 
 import numpy as np
 import jax
 import jax.numpy as jnp
 import pytest
-from flax import nnx
 
 from avatarv_jax.kernels.sra_blocks import cdiv, source_tables, visited_key_blocks
 from avatarv_jax.kernels.sra_layout import SRALayout
 from avatarv_jax.kernels.sra_pallas import BlockSizes, sra_pallas, visit_counts
 from avatarv_jax.kernels.sra_reference import sra_reference
 from avatarv_jax.layers.attention import get_attention_impl, sparse_reference_attention
-from avatarv_jax.models.dit import DiT
-from avatarv_jax.testing import perturb_zero_init, random_inputs, tiny_dit_config
+from avatarv_jax.testing import (attention_impl_errors, load_benchmark, tiny_dit_config)
 from avatarv_jax.tools.bench_io import device_name
 
 SMALL = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
@@ -300,39 +296,15 @@ def test_forward_and_backward_lower_for_the_accelerator(backend, platform, names
 
 
 def test_dit_pallas_equals_xla_outputs_and_grads():
-    cfg = tiny_dit_config(num_layers=1, ref_window=1)
-    graphdef, state = nnx.split(perturb_zero_init(DiT(cfg, rngs=nnx.Rngs(0))))
-    gen, ref = random_inputs(cfg, batch=2, gen_frames=2, ref_frames=2, size=(4, 4),
-                             prefix_frames=1)
-    ref = ref.replace(valid_frames=jnp.array([2, 1]))
-    pallas_graphdef = nnx.graphdef(DiT(dataclasses.replace(cfg, attention_impl="pallas"),
-                                       rngs=nnx.Rngs(0)))
-
-    def loss(graphdef, state):
-        out = nnx.merge(graphdef, state)(gen, ref)
-        return jnp.mean(out["video"] ** 2) + jnp.mean(out["motion"] ** 2), out
-
-    results = [jax.jit(jax.value_and_grad(lambda s, g=g: loss(g, s), has_aux=True))(state)
-               for g in (graphdef, pallas_graphdef)]
-    (_, out_x), grads_x = results[0]
-    (_, out_p), grads_p = results[1]
-    for key in ("video", "motion"):
-        _assert_close(out_p[key], out_x[key], atol=2e-5, what=key)
-    worst = max(jax.tree.leaves(jax.tree.map(
-        lambda a, b: float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-6)), grads_p, grads_x)))
-    assert worst <= 1e-4, worst
-
-
-def _benchmark_module():
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "sra_kernel.py"
-    spec = importlib.util.spec_from_file_location("sra_kernel_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    outputs, worst_grad = attention_impl_errors(tiny_dit_config(num_layers=1, ref_window=1),
+                                                "pallas")
+    for key, (abs_err, _) in outputs.items():
+        assert abs_err <= 2e-5, (key, abs_err)
+    assert worst_grad <= 1e-4, worst_grad
 
 
 def test_benchmark_writes_json_and_rejects_bad_input(tmp_path, capsys):
-    bench = _benchmark_module()
+    bench = load_benchmark("sra_kernel")
     assert bench.main(["--multiples", "1,x"]) == 2
     assert "--multiples must be integers" in capsys.readouterr().err
     assert bench.main(["--blocks", "64,64"]) == 2

@@ -1,9 +1,11 @@
 """Attention: the SRA dispatcher and the self-/cross-attention modules of the DiT.
 
 ``attention_impl`` in the model config picks the Sparse Reference Attention implementation:
-``xla`` (dense mask, always available, the ground truth) or ``pallas`` (the block-sparse kernel
-in ``avatarv_jax.kernels``, registered by that module when it exists). Every implementation
-takes REF and GEN keys/values as separate arrays, so a ``RefCache`` is used without copying.
+``xla`` (dense mask, always available, the ground truth), ``pallas`` (the block-sparse kernel
+in ``avatarv_jax.kernels``) or ``cudnn`` (the rule split into dense library attention calls,
+cuDNN's fused kernels on a GPU); the kernel modules register themselves on first use. Every
+implementation takes REF and GEN keys/values as separate arrays, so a ``RefCache`` is used
+without copying.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from avatarv_jax.parallel.ulysses import maybe_ulysses
 
 _IMPLS: dict[str, Callable] = {"xla": sra_reference}
 # Implementations that live in optional kernel modules, imported on first use.
-_LAZY_IMPLS = {"pallas": "avatarv_jax.kernels.sra_pallas"}
+_LAZY_IMPLS = {"pallas": "avatarv_jax.kernels.sra_pallas",
+               "cudnn": "avatarv_jax.kernels.sra_cudnn"}
 
 
 def register_attention_impl(name: str, fn: Callable) -> None:

@@ -41,7 +41,22 @@ from avatarv_jax.models.audio_windows import latent_audio_windows, window_size
 from avatarv_jax.models.motion import TEMPORAL_STRIDE, MotionEncoder, MotionHead
 from avatarv_jax.parallel.sharding import constrain
 
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "attention")
+# Primitives whose outputs the "attention" remat policy keeps: the forward kernels of the SRA
+# implementations (Pallas kernels; cuDNN's fused attention). Their outputs and softmax
+# statistics are what the backward kernels need besides q, k, v, which are cheap to recompute.
+ATTENTION_KERNEL_PRIMITIVES = ("pallas_call", "dot_product_attention_fwd",
+                               "dot_product_attention_fwd_wrapper")
+
+
+def save_attention_kernel_outputs(prim, *_, **__) -> bool:
+    """Remat policy: recompute everything except the attention kernels' forward outputs.
+
+    Full remat runs the attention forward twice per step; at long REF+GEN sequences that is
+    the most expensive op of the layer, while its outputs (o and the log-sum-exp) are small.
+    """
+    return prim.name in ATTENTION_KERNEL_PRIMITIVES
+
 _HIDDEN_AXES = ("activation_batch", None, None, "activation_embed")  # hidden states [B, F, T, D]
 GUIDANCE_FEATURE_SCALE = 100.0   # scales of ~1-10 spread over the sinusoids like timesteps
 
@@ -563,6 +578,8 @@ class DiT(nnx.Module):
         elif policy == "dots":
             body = jax.checkpoint(
                 body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        elif policy == "attention":
+            body = jax.checkpoint(body, policy=save_attention_kernel_outputs)
         return jax.lax.scan(body, carry, (state, xs))
 
     def _head(self, h, temb, grid, has_motion: bool) -> dict[str, jax.Array]:
