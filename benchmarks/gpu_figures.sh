@@ -59,7 +59,7 @@ kernel)
     ;;
 train)
     step train_step 300 $py benchmarks/train_step.py --model avatar_v_1_3b --gpu-figure \
-        --steps 5 --out "$out"
+        --steps 5 --profile --tag cudnn_attention_auto --out "$out"
     step sra_kernel_default_tiles 150 $py benchmarks/sra_kernel.py --repeats 5 \
         --out "$out/sra_kernel.json"
     # The dense-mask reference fits only at a short GEN: 5 frames (7,800 tokens), 1 head.
