@@ -101,9 +101,12 @@ def sra_cudnn(q_ref, k_ref, v_ref, q_gen, k_gen, v_gen, *, layout: SRALayout,
         if layout.ref_len == 0:
             o_gen = attend(q_gen, k_gen, v_gen)
         else:
-            k = jnp.concatenate([k_gen, k_ref.astype(k_gen.dtype)], axis=1)
-            v = jnp.concatenate([v_gen, v_ref.astype(v_gen.dtype)], axis=1)
-            lengths = None
+            # One copy: [GEN | REF], plus a zero key when the total is odd (masked below).
+            n_keys = layout.gen_len + layout.ref_len
+            pad = [jnp.zeros_like(k_gen[:, :1])] if n_keys % 2 else []
+            k = jnp.concatenate([k_gen, k_ref.astype(k_gen.dtype)] + pad, axis=1)
+            v = jnp.concatenate([v_gen, v_ref.astype(v_gen.dtype)] + pad, axis=1)
+            lengths = jnp.full((q_gen.shape[0],), n_keys, jnp.int32) if pad else None
             if ref_valid_frames is not None:
                 valid = jnp.broadcast_to(jnp.asarray(ref_valid_frames, jnp.int32),
                                          (q_gen.shape[0],))
