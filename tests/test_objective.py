@@ -62,6 +62,21 @@ def test_region_weights_change_the_loss(setup):
     assert abs(float(weighted) - float(plain)) > 1e-4
 
 
+def test_region_weights_follow_the_vae_stride_of_the_masks(setup):
+    # The same mouth tokens drawn at stride 8 (32 px masks over a 4x4 latent) and at stride 4
+    # (16 px, the tiny_s4 VAE) weight the loss identically; a mask at the wrong stride for the
+    # latent grid is refused.
+    model, batch = setup
+    keep = ConditionDropout(0.0, 0.0, 0.0, 0.0)
+    mouth8 = jnp.zeros((2, 5, 32, 32), bool).at[:, :, 16:, :16].set(True)
+    mouth4 = jnp.zeros((2, 5, 16, 16), bool).at[:, :, 8:, :8].set(True)
+    a, _ = _loss(model, batch.replace(mouth_mask=mouth8), keep)
+    b, _ = _loss(model, batch.replace(mouth_mask=mouth4), keep)
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+    with pytest.raises(ValueError, match="not a multiple of the latent width"):
+        _loss(model, batch.replace(mouth_mask=jnp.zeros((2, 5, 18, 18), bool)), keep)
+
+
 def test_prefix_frames_are_not_in_the_loss(setup):
     model, batch = setup
     keep = ConditionDropout(0.0, 0.0, 0.0, 0.0)

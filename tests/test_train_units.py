@@ -79,6 +79,24 @@ def test_surgery_rejects_changed_shapes_and_dropped_modules():
         transplant(module_params(_dit(motion_dim=0)), small)
 
 
+def test_init_from_with_other_encoder_presets_names_the_flag(tmp_path):
+    from avatarv_jax.training.trainer import check_same_encoders
+
+    work = tmp_path / "previous"
+    (work / "checkpoints" / "7" / "params").mkdir(parents=True)
+    cfg = stage_config("sft", "tiny")
+    previous = json.loads(cfg.to_json())
+    (work / "config.json").write_text(json.dumps(previous))
+    check_same_encoders(cfg, str(work))                      # same presets: fine
+    check_same_encoders(cfg, str(work / "checkpoints" / "7"))
+    previous["vae"] = "tiny_s4"
+    (work / "config.json").write_text(json.dumps(previous))
+    for path in (work, work / "checkpoints" / "7"):
+        with pytest.raises(ValueError, match="vae='tiny_s4' \\(this run: 'tiny'\\); pass "
+                                             "--config.vae=tiny_s4"):
+            check_same_encoders(cfg, str(path))
+
+
 def test_guard_host_side():
     assert check_bad_steps(0, step=3, limit=2, metrics={}) is False
     assert check_bad_steps(1, step=3, limit=2, metrics={}) is True

@@ -68,6 +68,16 @@ def test_wan21_config_sizes():
     assert shapes["encoder.mid_block.attentions.0.to_qkv.weight"] == (1152, 384, 1, 1)
 
 
+def test_tiny_s4_halves_the_spatial_stride_only():
+    cfg = VAEConfig.tiny_s4()
+    assert (cfg.spatial_stride, cfg.temporal_stride) == (4, 4)
+    assert (cfg.z_dim, cfg.base_dim) == (VAEConfig.tiny().z_dim, VAEConfig.tiny().base_dim)
+    vae = CausalVideoVAE(cfg, rngs=nnx.Rngs(0))
+    latents = vae.encode(jnp.zeros((1, 5, 32, 32, 3)))
+    assert latents.shape == (1, 2, 8, 8, 16)
+    assert vae.decode(latents).shape == (1, 5, 32, 32, 3)
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="one flag per downsampling stage"):
         VAEConfig(dim_mult=(1, 2), temporal_downsample=(True, True))

@@ -27,7 +27,8 @@ class TrainBatch:
 
     latents: [B, F, H, W, C] GEN latents; text: [B, L, text_dim]; motion: [B, F, 4M] packed;
     audio: [B, 1 + 4(F-1), audio_dim]; ref_*: the REF segment; face/mouth/eye masks:
-    [B, 1 + 4(F-1), 8H, 8W] per video frame (pixel resolution) for the region weights.
+    [B, 1 + 4(F-1), sH, sW] per video frame (pixel resolution, s the VAE's spatial stride)
+    for the region weights.
     """
 
     latents: jax.Array
@@ -49,6 +50,15 @@ def training_shift(flow_cfg, dit: DiT, latents) -> float:
         return float(flow_cfg.shift)
     _, ph, pw = dit.cfg.patch_size
     return resolution_shift((latents.shape[2] // ph) * (latents.shape[3] // pw))
+
+
+def token_pixels(dit: DiT, latents, mask) -> int:
+    """Pixels per token side: the VAE's spatial stride (mask width / latent width) x patch."""
+    _, _, pw = dit.cfg.patch_size
+    if mask.shape[-1] % latents.shape[3]:
+        raise ValueError(f"mask width {mask.shape[-1]} is not a multiple of the latent width "
+                         f"{latents.shape[3]}")
+    return mask.shape[-1] // latents.shape[3] * pw
 
 
 def flow_matching_loss(dit: DiT, batch: TrainBatch, key: jax.Array, *, flow_cfg: Any,
@@ -82,10 +92,12 @@ def flow_matching_loss(dit: DiT, batch: TrainBatch, key: jax.Array, *, flow_cfg:
     pred = dit(gen, ref)
 
     weights = None
-    if any(m is not None for m in (batch.face_mask, batch.mouth_mask, batch.eye_mask)):
+    masks = [m for m in (batch.face_mask, batch.mouth_mask, batch.eye_mask) if m is not None]
+    if masks:
         weights = region_token_weights(
             batch.face_mask, batch.mouth_mask, batch.eye_mask, face_weight=flow_cfg.face_weight,
-            mouth_weight=flow_cfg.mouth_weight, eye_weight=flow_cfg.eye_weight)
+            mouth_weight=flow_cfg.mouth_weight, eye_weight=flow_cfg.eye_weight,
+            spatial_stride=token_pixels(dit, batch.latents, masks[0]))
     loss, terms = total_loss(pred, target, token_weights=weights, frame_mask=frame_mask,
                              motion_weight=flow_cfg.motion_weight)
     terms = dict(terms, **{k: v.astype(jnp.float32).mean() for k, v in keep.items()})

@@ -23,7 +23,9 @@ LSE-C measures how sharply the lips pick one audio offset; it does not say that 
 and of the reference frames (``eval/face_similarity.py``); 0 when either side shows no face.
 dlib runs on the host only, so the step calls it through ``jax.pure_callback``: the step stays
 one jitted program (the trainer's sharding, donation, NaN guard and exact resume unchanged),
-and only the decoded frames (G samples of one batch) travel to the host. Splitting the step
+and only the decoded frames (G samples of one batch) travel to the host. On a mesh that
+shards the batch, ``parallel.host_callback.per_shard_callback`` runs it once per batch shard,
+so on several hosts each scores its own samples (tested with two processes). Splitting the step
 into a jitted sampling call, host rewards and a jitted update would need a second train-step
 protocol in the trainer for the same data movement.
 """
@@ -40,6 +42,7 @@ from flax import nnx
 
 from avatarv_jax.eval import frontends as fe
 from avatarv_jax.eval import lse
+from avatarv_jax.parallel.host_callback import per_shard_callback
 
 REAL_REWARDS = ("lse_c", "face_similarity")
 NEEDS = {"lse_c": ("audio", "mask_mouth", "mask_face"), "face_similarity": ()}
@@ -192,6 +195,5 @@ class FaceSimilarityReward:
 
     def __call__(self, frames: jax.Array, ref_frames: jax.Array) -> jax.Array:
         """``frames`` [B, T, H, W, 3] and ``ref_frames`` [B, Tr, H, W, 3], both in [-1, 1]."""
-        return jax.pure_callback(self.host, jax.ShapeDtypeStruct((frames.shape[0],), jnp.float32),
-                                 jax.lax.stop_gradient(frames.astype(jnp.float32)),
-                                 jax.lax.stop_gradient(ref_frames.astype(jnp.float32)))
+        return per_shard_callback(self.host, jnp.float32, frames.astype(jnp.float32),
+                                  ref_frames.astype(jnp.float32))

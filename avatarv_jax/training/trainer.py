@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -75,6 +76,28 @@ def write_config(cfg, workdir: Path) -> None:
     tmp = workdir / f".config.json.tmp{os.getpid()}"
     tmp.write_text(cfg.to_json_best_effort(indent=2))
     os.replace(tmp, workdir / "config.json")
+
+
+def check_same_encoders(cfg, init_from: str) -> None:
+    """The previous stage's encoder and VAE presets (its ``config.json``) must be this run's.
+
+    The frozen encoders come along from that checkpoint, so a different preset cannot load;
+    saying which flag to pass beats a list of mismatched tensor shapes.
+    """
+    step_dir = ckpt_lib.resolve_step_dir(init_from)
+    found = [p / "config.json" for p in (Path(init_from).absolute(), *step_dir.parents[:2])]
+    found = [p for p in found if p.is_file()]
+    if not found:
+        return                        # a bare step directory: the shape check still guards
+    previous = json.loads(found[0].read_text())
+    wrong = [f"{key}={previous[key]!r} (this run: {cfg.get(key)!r})"
+             for key in ("text_encoder", "audio_encoder", "vae")
+             if key in previous and previous[key] != cfg.get(key)]
+    if wrong:
+        flags = " ".join(f"--config.{k}={previous[k]}" for k in ("text_encoder",
+                         "audio_encoder", "vae") if k in previous and previous[k] != cfg.get(k))
+        raise ValueError(f"init_from {init_from} was trained with " + ", ".join(wrong)
+                         + f"; pass {flags}")
 
 
 def make_data(cfg) -> Iterable:
@@ -147,6 +170,7 @@ def train(cfg, workdir: str | os.PathLike, *, data: Iterable | None = None,
     posttrain = stage in POSTTRAIN_STAGES or stage == "distill_sr"
     if cfg.init_from:
         ckpt_lib.resolve_step_dir(cfg.init_from)     # a bad path fails before any work
+        check_same_encoders(cfg, cfg.init_from)
     init_vae = str(cfg.get("init_vae", "") or "")
     if init_vae and not os.path.isfile(init_vae):
         raise FileNotFoundError(f"init_vae: no VAE weights file at {init_vae} (write one with "

@@ -34,7 +34,8 @@ from flax import nnx
 from avatarv_jax.io.small_weights import load_params, read_weights, save_weights
 from avatarv_jax.models.vae import CausalVideoVAE, VAEConfig
 
-VAE_PRESETS: dict[str, Callable[[], VAEConfig]] = {"tiny": VAEConfig.tiny}
+VAE_PRESETS: dict[str, Callable[[], VAEConfig]] = {"tiny": VAEConfig.tiny,
+                                                    "tiny_s4": VAEConfig.tiny_s4}
 FORMAT = "avatarv-vae-pretrain-v1"
 
 
