@@ -58,7 +58,8 @@ def eval_pairs(dataset: AvatarWorldDataset, max_pairs: int):
     return pairs[:max_pairs]
 
 
-def prepared(cfg, ref, drive, *, steps: int | None) -> Prepared:
+def prepared(cfg, ref, drive, *, steps: int | None,
+             guidance: tuple[float, float] | None = None) -> Prepared:
     """The job ``infer.py`` would prepare from the reference clip and the driving speech, built
     from the clips directly (no lossy mp4 round trip); the reference motion is the truth."""
     s = cfg.inference
@@ -74,8 +75,9 @@ def prepared(cfg, ref, drive, *, steps: int | None) -> Prepared:
         audio=media.AudioTrack.from_wave(wave), num_frames=drive.frames.shape[0],
         ref_frames=ref.frames[:t], ref_audio=np.asarray(ref.audio[:t * SPF], np.float32),
         ref_has_audio=True, ref_motion=motion, prompt=ref.caption,
-        steps=int(steps or cfg.sampling.num_steps), text_scale=float(cfg.sampling.text_scale),
-        audio_scale=float(cfg.sampling.audio_scale))
+        steps=int(steps or cfg.sampling.num_steps),
+        text_scale=float(guidance[0] if guidance else cfg.sampling.text_scale),
+        audio_scale=float(guidance[1] if guidance else cfg.sampling.audio_scale))
 
 
 def score(probe, frames, ref, drive) -> dict:
@@ -125,10 +127,10 @@ def network_evaluations(pipe: Pipeline, prep: Prepared) -> int:
     return chunks * int(prep.steps) * passes * per_step
 
 
-def run_model(pipe: Pipeline, pairs, probe, *, steps) -> list[dict]:
+def run_model(pipe: Pipeline, pairs, probe, *, steps, guidance=None) -> list[dict]:
     rows = []
     for ref, drive in pairs:
-        prep = prepared(pipe.cfg, ref, drive, steps=steps)
+        prep = prepared(pipe.cfg, ref, drive, steps=steps, guidance=guidance)
         t0 = time.perf_counter()
         frames = np.concatenate(list(pipe.frames(prep)), axis=0)
         row = score(probe, frames, ref, drive)
@@ -155,6 +157,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps-for", action="append", default=[],
                         help="NAME=N: sampling steps of one checkpoint (repeatable; e.g. a "
                              "teacher at many steps beside its 4-step student)")
+    parser.add_argument("--guidance", default=None, metavar="TEXT,AUDIO",
+                        help="guidance scales for every checkpoint (default: each config's; "
+                             "1,1 samples unguided)")
     parser.add_argument("--compute", default="", help="free text: the training compute used")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                              "avatarworld_learning.json"))
@@ -175,6 +180,16 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         steps_for[name] = int(n)
+    guidance = None
+    if args.guidance is not None:
+        try:
+            guidance = tuple(float(v) for v in args.guidance.split(","))
+        except ValueError:
+            guidance = ()
+        if len(guidance) != 2:
+            print(f"error: --guidance must be TEXT,AUDIO (two numbers), got {args.guidance!r}",
+                  file=sys.stderr)
+            return 2
     if not (Path(args.heldout) / "manifest.json").is_file():
         print(f"error: {args.heldout} is not an AvatarWorld shard set (no manifest.json)",
               file=sys.stderr)
@@ -196,7 +211,8 @@ def main(argv=None) -> int:
     for name, path in [("random", None)] + named:
         t0 = time.perf_counter()
         pipe = load_pipeline(name, path, base_cfg)
-        rows = run_model(pipe, pairs, probe, steps=steps_for.get(name, args.steps))
+        rows = run_model(pipe, pairs, probe, steps=steps_for.get(name, args.steps),
+                         guidance=guidance)
         results[name], per_clip[name] = summarise(rows), rows
         timings[name + "_s"] = time.perf_counter() - t0
         print(f"{name}: " + ", ".join(f"{k} {results[name][k]:.3f}" for k in HEADLINE
@@ -224,6 +240,8 @@ def main(argv=None) -> int:
                   for r, d in pairs],
         "checkpoints": dict(named),
         "compute": args.compute,
+        "guidance": list(guidance) if guidance else "config",
+        "steps": args.steps or "config",
         "targets": {"lip_sync_corr": ">= 0.6", "attribute_agreement": ">= 0.9",
                     "style_match": "sft > a2v"},
         "results": results,
