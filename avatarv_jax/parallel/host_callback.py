@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
@@ -58,4 +57,4 @@ def per_shard_callback(host_fn: Callable[..., np.ndarray], dtype, *arrays: jax.A
     in_specs = tuple(P(*spec, *([None] * (a.ndim - 1))) for a in arrays)
     # check_vma=False: the callback's result varies over the batch axes by construction.
     mapped = jax.shard_map(call, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False)
-    return mapped(*arrays).astype(jnp.dtype(dtype))
+    return mapped(*arrays)

@@ -90,14 +90,13 @@ def check_same_encoders(cfg, init_from: str) -> None:
     if not found:
         return                        # a bare step directory: the shape check still guards
     previous = json.loads(found[0].read_text())
-    wrong = [f"{key}={previous[key]!r} (this run: {cfg.get(key)!r})"
-             for key in ("text_encoder", "audio_encoder", "vae")
-             if key in previous and previous[key] != cfg.get(key)]
-    if wrong:
-        flags = " ".join(f"--config.{k}={previous[k]}" for k in ("text_encoder",
-                         "audio_encoder", "vae") if k in previous and previous[k] != cfg.get(k))
-        raise ValueError(f"init_from {init_from} was trained with " + ", ".join(wrong)
-                         + f"; pass {flags}")
+    differ = [k for k in ("text_encoder", "audio_encoder", "vae")
+              if k in previous and previous[k] != cfg.get(k)]
+    if differ:
+        raise ValueError(
+            f"init_from {init_from} was trained with "
+            + ", ".join(f"{k}={previous[k]!r} (this run: {cfg.get(k)!r})" for k in differ)
+            + "; pass " + " ".join(f"--config.{k}={previous[k]}" for k in differ))
 
 
 def make_data(cfg) -> Iterable:
@@ -169,8 +168,7 @@ def train(cfg, workdir: str | os.PathLike, *, data: Iterable | None = None,
     # Stages with a frozen previous-stage DiT (``teacher``), started from that stage.
     posttrain = stage in POSTTRAIN_STAGES or stage == "distill_sr"
     if cfg.init_from:
-        ckpt_lib.resolve_step_dir(cfg.init_from)     # a bad path fails before any work
-        check_same_encoders(cfg, cfg.init_from)
+        check_same_encoders(cfg, cfg.init_from)    # also: a bad path fails before any work
     init_vae = str(cfg.get("init_vae", "") or "")
     if init_vae and not os.path.isfile(init_vae):
         raise FileNotFoundError(f"init_vae: no VAE weights file at {init_vae} (write one with "
