@@ -62,8 +62,12 @@ def token_pixels(dit: DiT, latents, mask) -> int:
 
 
 def flow_matching_loss(dit: DiT, batch: TrainBatch, key: jax.Array, *, flow_cfg: Any,
-                       dropout: ConditionDropout, num_prefix: int = 0):
-    """Returns ``(loss, terms)``; ``terms`` holds the loss parts and the kept-condition rates."""
+                       dropout: ConditionDropout, num_prefix: int = 0, aux_fn=None):
+    """Returns ``(loss, terms)``; ``terms`` holds the loss parts and the kept-condition rates.
+
+    ``aux_fn(x0_video, sigma [B], frame_mask [B, F], clean_latents, ref_latents) -> (loss,
+    terms)`` adds losses on the clean-video estimate ``x_t - sigma v`` (stage 3's lip-sync and
+    identity losses, ``training/aux_losses.py``)."""
     b, f = batch.latents.shape[:2]
     k_sigma, k_noise, k_motion, k_drop = jax.random.split(key, 4)
     sigma = sample_training_sigma(k_sigma, (b,), logit_mean=flow_cfg.logit_mean,
@@ -101,4 +105,10 @@ def flow_matching_loss(dit: DiT, batch: TrainBatch, key: jax.Array, *, flow_cfg:
     loss, terms = total_loss(pred, target, token_weights=weights, frame_mask=frame_mask,
                              motion_weight=flow_cfg.motion_weight)
     terms = dict(terms, **{k: v.astype(jnp.float32).mean() for k, v in keep.items()})
+    if aux_fn is not None:
+        s = sigma_bf.reshape(sigma_bf.shape + (1,) * (x_t["video"].ndim - 2))
+        x0_video = x_t["video"] - s * pred["video"].astype(jnp.float32)
+        aux, aux_terms = aux_fn(x0_video, sigma, frame_mask, batch.latents, batch.ref_latents)
+        loss = loss + aux
+        terms = dict(terms, **aux_terms, total=loss)
     return loss, terms

@@ -71,7 +71,7 @@ def lagged_correlation(pred: jax.Array, true: jax.Array, max_lag: int = MAX_LAG)
     return jnp.max(jnp.stack(best), axis=0)
 
 
-def _embedding(probs: list[jax.Array]) -> jax.Array:
+def identity_embedding(probs: list[jax.Array]) -> jax.Array:
     """[B, T, classes] per attribute -> the unit-norm clip embedding [B, E]."""
     e = jnp.concatenate([p.mean(1) for p in probs], axis=-1)
     return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-8)
@@ -86,6 +86,12 @@ class ProbeRewards:
 
     def read(self, frames: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
         """frames [B, T, H, W, 3] in [-1, 1] -> motion [B, T, D], per-attribute probs."""
+        unit, probs = self.read_unit(frames)
+        return probe_lib.motion_from_unit(unit), probs
+
+    def read_unit(self, frames: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+        """Like ``read``, but the motion head's unclipped [0, 1]-normalised outputs (a loss
+        on them keeps its gradient where the clipped reading saturates)."""
         b, t, h, w, _ = frames.shape
         x = jnp.clip(frames.reshape(b * t, h, w, 3).astype(jnp.float32), -1.0, 1.0)
         size = probe_lib.INPUT_SIZE
@@ -93,10 +99,9 @@ class ProbeRewards:
             x = jax.image.resize(x, (b * t, size, size, 3), "linear", antialias=True)
         net = nnx.merge(self.graphdef, self.state)
         unit, logits = net(x)
-        motion = probe_lib.motion_from_unit(unit).reshape(b, t, -1)
         probs = [jax.nn.softmax(l, -1).reshape(b, t, -1)
                  for l in probe_lib.split_logits(logits)]
-        return motion, probs
+        return unit.reshape(b, t, -1), probs
 
     def __call__(self, frames: jax.Array, batch: Mapping[str, jax.Array],
                  ref_frames: jax.Array) -> dict[str, jax.Array]:
@@ -110,7 +115,7 @@ class ProbeRewards:
                              f"fields); the batch's motion has {true.shape[-1]}")
         t = min(true.shape[1], motion.shape[1])
         lip = lagged_correlation(motion[:, :t, _MOUTH], true[:, :t, _MOUTH])
-        e, e_ref = _embedding(probs), _embedding(ref_probs)
+        e, e_ref = identity_embedding(probs), identity_embedding(ref_probs)
         identity = (e * e_ref).sum(-1)
         std = motion[..., _STYLE_FIELDS].std(1) / _RANGE[_STYLE_FIELDS]
         ref_std = ref_motion[..., _STYLE_FIELDS].std(1) / _RANGE[_STYLE_FIELDS]

@@ -27,6 +27,8 @@ from avatarv_jax.diffusion.guidance import ConditionDropout
 from avatarv_jax.diffusion.objective import flow_matching_loss
 from avatarv_jax.parallel.sharding import (logical_to_mesh_spec, state_logical_axes,
                                            state_shardings, use_rules)
+from avatarv_jax.posttrain.rewards import ProbeRewards
+from avatarv_jax.training.aux_losses import ProbeAuxLosses, check_aux_config
 from avatarv_jax.training.batch import encode_batch
 from avatarv_jax.training.optimizer import ema_update
 from avatarv_jax.training.state import TrainState
@@ -108,6 +110,9 @@ class TrainStepBuilder:
         self.seed = int(cfg.train.seed)
         self.num_prefix = int(cfg.train.num_prefix_frames)
         self.ema_decay = float(cfg.optimizer.ema_decay)
+        # Stage 3's lip-sync / identity losses on the clean-video estimate (aux_losses.py).
+        self.aux_weights = check_aux_config(cfg.get("aux")) if cfg.get("stage") == "sft" else {}
+        self.aux_probe = ProbeRewards() if self.aux_weights else None
 
     # -- shardings -------------------------------------------------------------------------
     def param_shardings(self) -> dict:
@@ -149,10 +154,15 @@ class TrainStepBuilder:
     def loss_and_grads(self, params, frozen_params, batch, key):
         frozen = {k: self.frozen[k].merge(v) for k, v in frozen_params.items()}
         train_batch = encode_batch(frozen, batch, self.stage)
+        aux_fn = None
+        if self.aux_weights:
+            aux_fn = ProbeAuxLosses(self.aux_weights, self.cfg.aux.max_sigma,
+                                    frozen["vae"].decode, batch, probe=self.aux_probe)
 
         def loss_fn(p):
             return flow_matching_loss(self.dit.merge(p), train_batch, key, flow_cfg=self.cfg.flow,
-                                      dropout=self.dropout, num_prefix=self.num_prefix)
+                                      dropout=self.dropout, num_prefix=self.num_prefix,
+                                      aux_fn=aux_fn)
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
