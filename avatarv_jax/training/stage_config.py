@@ -124,7 +124,7 @@ def stage_config(stage: str, model: str) -> ml_collections.ConfigDict:
         # DESIGN §5's auxiliary losses on the DiT's clean-video estimate, read by the AvatarWorld
         # probe (training/aux_losses.py): AvatarWorld data only; weight 0 = off.
         cfg.aux = ml_collections.ConfigDict(dict(
-            lip_sync_weight=0.0,   # (probe mouth opening of the estimate - of the real frames)^2
+            lip_sync_weight=0.0,   # (probe mouth opening of the estimate - of the decoded truth)^2
             identity_weight=0.0,   # 1 - cosine of probe identity embeddings, estimate vs reference
             max_sigma=0.5))        # only samples at this noise level or lower count
     # The previous stage's workdir (or step directory): parameter surgery initialises from it.
