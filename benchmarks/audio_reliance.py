@@ -57,6 +57,21 @@ def _collect(cfg, fn, batches: int, draws: int, seed: int) -> dict[str, list[flo
     return values
 
 
+def _compare(values: dict[str, list[float]], prefix: str) -> dict:
+    """Mean with own audio; each other variant's mean, paired difference, its standard error
+    and the difference relative to own."""
+    own = np.asarray(values[f"{prefix}/own"])
+    row = {"own": float(own.mean())}
+    for name in VARIANTS[1:]:
+        other = np.asarray(values[f"{prefix}/{name}"])
+        diff = other - own
+        row[name] = float(other.mean())
+        row[f"{name}_minus_own"] = float(diff.mean())
+        row[f"{name}_minus_own_sem"] = float(diff.std() / np.sqrt(diff.size))
+        row[f"{name}_relative"] = float(diff.mean() / own.mean())
+    return row
+
+
 def measure(cfg, models, batches: int, draws: int, seed: int = 0) -> dict:
     frozen = {k: models[k] for k in ("text_encoder", "audio_encoder", "vae")}
     stage = data_stage(cfg.stage)
@@ -86,15 +101,7 @@ def measure(cfg, models, batches: int, draws: int, seed: int = 0) -> dict:
     for kind in ("trained", "mouth", "motion"):
         if f"{kind}/own" not in values:
             continue
-        own = np.asarray(values[f"{kind}/own"])
-        row = {"own": float(own.mean())}
-        for name in VARIANTS[1:]:
-            diff = np.asarray(values[f"{kind}/{name}"]) - own
-            row[name] = float(np.mean(values[f"{kind}/{name}"]))
-            row[f"{name}_minus_own"] = float(diff.mean())
-            row[f"{name}_minus_own_sem"] = float(diff.std() / np.sqrt(diff.size))
-            row[f"{name}_relative"] = float(diff.mean() / own.mean())
-        report[kind] = row
+        report[kind] = _compare(values, kind)
     report["evaluations"] = len(values["trained/own"])
     return report
 
@@ -132,17 +139,7 @@ def measure_lip_error(cfg, models, batches: int, draws: int, seed: int = 0) -> d
         return out
 
     values = _collect(cfg, errors, batches, draws, seed)
-    report = {}
-    for s in LIP_SIGMAS:
-        own = np.asarray(values[f"{s}/own"])
-        row = {"own": float(own.mean())}
-        for name in VARIANTS[1:]:
-            diff = np.asarray(values[f"{s}/{name}"]) - own
-            row[f"{name}_minus_own"] = float(diff.mean())
-            row[f"{name}_minus_own_sem"] = float(diff.std() / np.sqrt(diff.size))
-            row[f"{name}_relative"] = float(diff.mean() / own.mean())
-        report[f"sigma_{s}"] = row
-    return report
+    return {f"sigma_{s}": _compare(values, str(s)) for s in LIP_SIGMAS}
 
 
 def _with_context(x: np.ndarray, k: int = 2) -> np.ndarray:

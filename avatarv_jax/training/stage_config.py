@@ -5,7 +5,8 @@
 
   t2v          text -> video: no audio cross-attention, no motion stream.
   a2v          + audio cross-attention (zero-initialised output) and a one-frame reference.
-  sft          + the motion stream, multi-frame cross-clip references, region-weighted loss.
+  sft          + the motion stream, multi-frame cross-clip references, region-weighted loss,
+               optional lip-sync / identity losses read by the AvatarWorld probe (``aux``).
   distill_cfg  + the guidance embedding: one pass learns the teacher's 3-pass guided velocity.
   distill_dmd  few-step generator by distribution matching (teacher = distill_cfg's student).
   grpo         Flow-GRPO on rewards, KL-tied to the frozen previous model.
