@@ -45,13 +45,13 @@ def world():
             "stranger": jnp.asarray(stranger), "motion": clip.motion}, ProbeRewards()
 
 
-def _aux(world, real, weights, *, ref=None, max_sigma=0.5):
-    """The losses of a batch whose clean latents are ``real`` (the target is their decoding)."""
-    latents, probe = world
-    batch = {"motion": np.zeros((real.shape[0], 9, mo.MOTION_DIM), np.float32)}
+def _aux(world, weights, *, batch_size=1, ref=None, max_sigma=0.5):
+    """The losses for AvatarWorld batches of ``batch_size``; each call names its clean latents
+    (their decoding is the lip target); ``ref`` latents are decoded into the pixel reference."""
+    batch = {"motion": np.zeros((batch_size, 9, mo.MOTION_DIM), np.float32)}
     if ref is not None:
         batch["ref_video"] = to_uint8(decode(ref))
-    return ProbeAuxLosses(weights, max_sigma, decode, batch, probe=probe)
+    return ProbeAuxLosses(weights, max_sigma, decode, batch, probe=world[1])
 
 
 def test_video_frame_mask_follows_the_causal_grouping():
@@ -62,7 +62,7 @@ def test_video_frame_mask_follows_the_causal_grouping():
 
 def test_lip_sync_is_zero_on_the_truth_and_large_on_the_wrong_mouth(world):
     lat = world[0]
-    aux = _aux(world, lat["wide"], {"lip_sync": 1.0})
+    aux = _aux(world, {"lip_sync": 1.0})
     sigma, mask = jnp.asarray([0.2]), jnp.asarray([[0.0, 1.0, 1.0]])
     right, terms = aux(lat["wide"], sigma, mask, lat["wide"], None)
     wrong, _ = aux(lat["closed"], sigma, mask, lat["wide"], None)
@@ -72,7 +72,7 @@ def test_lip_sync_is_zero_on_the_truth_and_large_on_the_wrong_mouth(world):
 
 def test_lip_sync_gradient_reaches_only_the_noisy_frames(world):
     lat = world[0]
-    aux = _aux(world, lat["wide"], {"lip_sync": 1.0})
+    aux = _aux(world, {"lip_sync": 1.0})
     mask = jnp.asarray([[0.0, 1.0, 1.0]])
     grad = jax.grad(lambda x: aux(x, jnp.asarray([0.2]), mask, lat["wide"], None)[0])(
         lat["closed"])
@@ -84,7 +84,7 @@ def test_lip_sync_gradient_reaches_only_the_noisy_frames(world):
 def test_only_samples_at_low_noise_count(world):
     lat = world[0]
     two = {k: jnp.concatenate([v, v]) for k, v in lat.items() if k != "motion"}
-    aux = _aux((two, world[1]), two["wide"], {"lip_sync": 1.0})
+    aux = _aux(world, {"lip_sync": 1.0}, batch_size=2)
     mask = jnp.ones((2, 3))
     est = jnp.concatenate([lat["closed"], lat["wide"]])
     both, _ = aux(est, jnp.asarray([0.2, 0.3]), mask, two["wide"], None)
@@ -97,7 +97,7 @@ def test_only_samples_at_low_noise_count(world):
 
 def test_identity_prefers_the_reference_person(world):
     lat = world[0]
-    aux = _aux(world, lat["wide"], {"identity": 1.0}, ref=lat["closed"])
+    aux = _aux(world, {"identity": 1.0}, ref=lat["closed"])
     sigma, mask = jnp.asarray([0.1]), jnp.asarray([[0.0, 1.0, 1.0]])
     same, terms = aux(lat["wide"], sigma, mask, lat["wide"], None)
     other, _ = aux(lat["stranger"], sigma, mask, lat["wide"], None)
