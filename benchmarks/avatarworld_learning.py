@@ -14,8 +14,10 @@ against the driving audio and the person's true attributes and style.
 Rows: ``random`` (fresh weights of the SFT config), one per ``--checkpoint``, and two ceilings
 that need no DiT: ``ground_truth`` (the driving clip's real frames: what the probe itself
 reaches) and ``vae_reconstruction`` (those frames through the checkpoint's frozen VAE, encode
-then decode: no DiT on that VAE can do better than its decoder allows). Writes
-``benchmarks/results/avatarworld_learning.json``.
+then decode: no DiT on that VAE can do better than its decoder allows). ``--vae NAME=FILE``
+adds the same ceiling for a pre-trained VAE file of any shape (``vae_pretrain --out``), so a
+VAE can be judged before a chain is trained on it; given without ``--checkpoint``, only the
+ceilings are measured. Writes ``benchmarks/results/avatarworld_learning.json``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from avatarv_jax.data.avatarworld import metrics
+from avatarv_jax.data.avatarworld import motion as mo
 from avatarv_jax.data.avatarworld import probe as probe_lib
 from avatarv_jax.data.avatarworld.shards import AvatarWorldDataset
 from avatarv_jax.diffusion.guidance import num_guidance_passes
@@ -38,11 +41,13 @@ from avatarv_jax.inference import chunks as chunking, media, motion_source, weig
 from avatarv_jax.inference.pipeline import Pipeline, Prepared, Job, resolve_config
 from avatarv_jax.models import factory
 from avatarv_jax.tools.bench_io import host_info, write_json
+from avatarv_jax.training.vae_pretrain import load_vae_file
 
 SPF = 640
 HEADLINE = ("lip_sync_corr", "silence_closed_fraction", "silence_mean_open",
             "attribute_agreement", "embedding_similarity", "style_match")
 TARGETS = {"lip_sync_corr": 0.6, "attribute_agreement": 0.9}
+VAE_FIGURES = ("psnr_db", "mouth_error_closed", "mouth_error_open")
 
 
 def eval_pairs(dataset: AvatarWorldDataset, max_pairs: int):
@@ -100,6 +105,10 @@ def summarise(rows: list[dict]) -> dict:
         values = [r[key] for r in rows if key in r]
         if values:
             out[key + "_per_video"] = float(np.mean(values))
+    for key in VAE_FIGURES:
+        values = [r[key] for r in rows if key in r]
+        if values:
+            out[key] = float(np.mean(values))
     out["num_clips"] = len(rows)
     return out
 
@@ -140,11 +149,32 @@ def run_model(pipe: Pipeline, pairs, probe, *, steps, guidance=None) -> list[dic
     return rows
 
 
-def vae_roundtrip(pipe: Pipeline, frames: np.ndarray) -> np.ndarray:
-    vae = pipe.models["vae"]
+def vae_roundtrip(vae, frames: np.ndarray) -> np.ndarray:
     video = jnp.asarray(frames[None], jnp.float32) / 127.5 - 1.0
     out = jax.jit(lambda v: vae.decode(vae.encode(v)))(video)
     return np.asarray(jnp.round((out[0] + 1.0) * 127.5).clip(0, 255).astype(jnp.uint8))
+
+
+def vae_ceiling(vae, pairs, probe) -> list[dict]:
+    """The probe's scores of the driving clips encoded and decoded by ``vae`` (no DiT), with
+    the PSNR and how far the probe's mouth reading moves from its reading of the real frames
+    (squared), apart on frames whose true mouth is closed and open: a VAE that blurs the
+    mouth loses the open ones."""
+    rows = []
+    for ref, drive in pairs:
+        out = vae_roundtrip(vae, drive.frames)
+        row = score(probe, out, ref, drive)
+        err = (mo.field(probe.read(out).motion, "mouth_open")
+               - mo.field(probe.read(drive.frames).motion, "mouth_open")) ** 2
+        closed = mo.field(np.asarray(drive.motion), "mouth_open") < metrics.CLOSED_BELOW
+        mse = np.mean((out.astype(np.float64) - drive.frames) ** 2)
+        row["psnr_db"] = 10 * np.log10(255.0 ** 2 / max(mse, 1e-12))
+        if closed.any():
+            row["mouth_error_closed"] = float(err[closed].mean())
+        if not closed.all():
+            row["mouth_error_open"] = float(err[~closed].mean())
+        rows.append(row)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -152,6 +182,10 @@ def main(argv=None) -> int:
     parser.add_argument("--heldout", required=True, help="held-out AvatarWorld shard set")
     parser.add_argument("--checkpoint", action="append", default=[],
                         help="NAME=PATH of a trainer workdir or step (repeatable)")
+    parser.add_argument("--vae", action="append", default=[],
+                        help="NAME=FILE of a pre-trained VAE (vae_pretrain --out): its "
+                             "reconstruction ceiling as a row of its own (repeatable; alone, "
+                             "without --checkpoint, only the ceilings are measured)")
     parser.add_argument("--pairs", type=int, default=8, help="held-out people to generate")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (config's)")
     parser.add_argument("--steps-for", action="append", default=[],
@@ -172,6 +206,19 @@ def main(argv=None) -> int:
             print(f"error: --checkpoint must be NAME=DIRECTORY, got {item!r}", file=sys.stderr)
             return 2
         named.append((name, path))
+    vae_files, vaes = [], {}
+    for item in args.vae:
+        name, eq, path = item.partition("=")
+        if not eq or not name or not Path(path).is_file():
+            print(f"error: --vae must be NAME=FILE of a pre-trained VAE, got {item!r}",
+                  file=sys.stderr)
+            return 2
+        try:
+            vaes[name] = load_vae_file(path)
+        except (ValueError, OSError) as e:
+            print(f"error: --vae {item}: {e}", file=sys.stderr)
+            return 2
+        vae_files.append((name, path))
     steps_for = {}
     for item in args.steps_for:
         name, eq, n = item.partition("=")
@@ -208,7 +255,8 @@ def main(argv=None) -> int:
     if base_cfg is None:
         from avatarv_jax.training.stage_config import stage_config
         base_cfg = stage_config("sft", "tiny")
-    for name, path in [("random", None)] + named:
+    models = ([("random", None)] if named or not vae_files else []) + named
+    for name, path in models:
         t0 = time.perf_counter()
         pipe = load_pipeline(name, path, base_cfg)
         rows = run_model(pipe, pairs, probe, steps=steps_for.get(name, args.steps),
@@ -218,17 +266,18 @@ def main(argv=None) -> int:
         print(f"{name}: " + ", ".join(f"{k} {results[name][k]:.3f}" for k in HEADLINE
                                       if k in results[name]), flush=True)
         if path is not None and name == named[-1][0]:
-            recon = [score(probe, vae_roundtrip(pipe, drive.frames), ref, drive)
-                     for ref, drive in pairs]
+            recon = vae_ceiling(pipe.models["vae"], pairs, probe)
             results["vae_reconstruction"] = summarise(recon)
             per_clip["vae_reconstruction"] = recon
-            psnr = [10 * np.log10(255.0 ** 2 / max(np.mean(
-                (vae_roundtrip(pipe, d.frames).astype(np.float64) - d.frames) ** 2), 1e-12))
-                for _, d in pairs]
-            results["vae_reconstruction"]["psnr_db"] = float(np.mean(psnr))
-    for name in ("ground_truth", "vae_reconstruction"):
+    for name, path in vae_files:
+        recon = vae_ceiling(vaes[name], pairs, probe)
+        results[f"vae_reconstruction:{name}"] = summarise(recon)
+        per_clip[f"vae_reconstruction:{name}"] = recon
+    for name in ["ground_truth", "vae_reconstruction"] + [f"vae_reconstruction:{n}"
+                                                          for n, _ in vae_files]:
         if name in results:
-            print(f"{name}: " + ", ".join(f"{k} {results[name][k]:.3f}" for k in HEADLINE
+            print(f"{name}: " + ", ".join(f"{k} {results[name][k]:.3f}"
+                                          for k in HEADLINE + VAE_FIGURES
                                           if k in results[name]), flush=True)
 
     report = {
@@ -239,6 +288,7 @@ def main(argv=None) -> int:
                    "driving_scene": int(d.scene_id), "frames": int(d.frames.shape[0])}
                   for r, d in pairs],
         "checkpoints": dict(named),
+        "vaes": dict(vae_files),
         "compute": args.compute,
         "guidance": list(guidance) if guidance else "config",
         "steps": args.steps or "config",

@@ -3,6 +3,7 @@
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -114,6 +115,23 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
     assert [p for p in os.listdir(tmp_path)] == ["vae.safetensors"]
 
 
+def test_load_vae_file_builds_the_stored_config_without_a_preset(tmp_path):
+    cfg = VAEConfig.tiny_s4(z_dim=8, dim_mult=(1, 2, 3))     # no preset has this shape
+    vae = CausalVideoVAE(cfg, rngs=nnx.Rngs(3))
+    path = str(tmp_path / "vae.safetensors")
+    vp.save_pretrained_vae(vae, path, "custom", {})
+    assert vp.vae_config_of_file(path) == cfg
+    loaded = vp.load_vae_file(path)
+    want, got = flatten_params(vae), flatten_params(loaded)
+    assert set(want) == set(got)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    video = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, 5, 16, 16, 3)), jnp.float32)
+    np.testing.assert_array_equal(loaded.encode(video), vae.encode(video))
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        vp.vae_config_of_file(str(tmp_path / "nope.safetensors"))
+
+
 def test_load_into_mismatched_config_names_the_parameter(tmp_path):
     path = str(tmp_path / "vae.safetensors")
     vp.save_pretrained_vae(CausalVideoVAE(VAEConfig.tiny(), rngs=nnx.Rngs(0)), path, "tiny", {})
@@ -126,6 +144,33 @@ def test_load_into_mismatched_config_names_the_parameter(tmp_path):
         vp.load_pretrained_vae(path, deeper)
     with pytest.raises(FileNotFoundError, match="do not exist"):
         vp.load_pretrained_vae(str(tmp_path / "nope.safetensors"), wider)
+
+
+def test_fold_latent_statistics_normalises_latents_and_keeps_the_round_trip():
+    vae = CausalVideoVAE(VAEConfig.tiny_s4(), rngs=nnx.Rngs(4))
+    clips = _clips(n=4, t=9, size=16)
+    video = vp.to_unit(clips)
+    before_latents = vae.encode(video)
+    before_video = vae.decode(before_latents)
+    mean, std = vp.latent_moments(vae, clips)
+    assert np.abs(mean).max() > 0.05 or np.abs(std - 1).max() > 0.05  # not already normal
+    _, _, logvar_before = vae.encode_moments_chunk(vae.init_encode_cache(), video)
+    vp.fold_latent_statistics(vae, mean, std)
+    after_latents = np.asarray(vae.encode(video), np.float64)
+    np.testing.assert_allclose(after_latents, (np.asarray(before_latents) - mean) / std,
+                               atol=1e-4)
+    flat = after_latents.reshape(-1, 16)
+    np.testing.assert_allclose(flat.mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(flat.std(0), 1.0, atol=1e-4)
+    np.testing.assert_allclose(vae.decode(jnp.asarray(after_latents, jnp.float32)),
+                               before_video, atol=1e-4)
+    # the posterior std scales with the mean: log-variance shifts by -2 log(std)
+    _, _, logvar_after = vae.encode_moments_chunk(vae.init_encode_cache(), video)
+    np.testing.assert_allclose(logvar_after, logvar_before - 2 * np.log(std), atol=1e-4)
+    with pytest.raises(ValueError, match="need 16 values"):
+        vp.fold_latent_statistics(vae, mean[:8], std)
+    with pytest.raises(ValueError, match="positive std"):
+        vp.fold_latent_statistics(vae, mean, np.zeros(16))
 
 
 def test_cli_missing_shards_exits_2_and_writes_nothing(tmp_path, capsys):
@@ -181,6 +226,21 @@ def test_cli_training_raises_heldout_psnr_and_writes_loadable_weights(tmp_path, 
     assert mouth_clips.shape[-1] == 4 and set(np.unique(mouth_clips[..., 3])) == {0, 255}
     assert tuned_meta["curve"][0]["heldout_mouth_psnr"] == pytest.approx(
         vp.reconstruction_psnr(fresh, mouth_clips), abs=0.01)
+    # --steps 0 --normalize-latents converts a file: same reconstruction, unit latents.
+    folded = tmp_path / "folded.safetensors"
+    code = vp.main(["--shards", str(shards), "--heldout", str(shards), "--out", str(folded),
+                    "--init", str(out), "--resolution", "32", "--frames", "5", "--steps", "0",
+                    "--normalize-latents"])
+    assert code == 0, capsys.readouterr().err
+    folded_meta = vp.read_pretrained_meta(str(folded))
+    assert folded_meta["latents_folded"]["std"] == meta["heldout_latents"]["std"]
+    np.testing.assert_allclose(folded_meta["heldout_latents"]["mean"], 0.0, atol=1e-3)
+    np.testing.assert_allclose(folded_meta["heldout_latents"]["std"], 1.0, atol=1e-3)
+    assert vp.reconstruction_psnr(vp.load_vae_file(str(folded)), clips) == pytest.approx(
+        after, abs=0.01)
+    code = vp.main(["--shards", str(shards), "--out", str(tmp_path / "x.safetensors"),
+                    "--resolution", "32", "--frames", "5", "--steps", "0"])
+    assert code == 2 and "0 steps only with --init" in capsys.readouterr().err
     for bad, message in ((tmp_path / "none.safetensors", "is not a file"),
                          (shards / "manifest.json", "not a readable safetensors file")):
         code = vp.main(["--shards", str(shards), "--out", str(tmp_path / "x.safetensors"),

@@ -9,6 +9,10 @@ temporal path), and writes the parameters as safetensors that ``load_pretrained_
     python -m avatarv_jax.training.vae_pretrain --shards DIR --heldout DIR2 \\
         --out vae_tiny.safetensors --steps 2000
 
+``--normalize-latents`` folds the latents' measured per-channel mean and std into the weights,
+so the DiT trains on mean-0, std-1 latents under the preset's name (``fold_latent_statistics``);
+with ``--init FILE --steps 0`` it converts an existing file.
+
 On CPU, pin it to one core with ``taskset -c 1`` and
 ``XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"``.
 """
@@ -222,16 +226,64 @@ def reconstruction_psnr(vae: CausalVideoVAE, clips, *, batch: int = 4) -> float:
     return float(np.mean(10.0 * np.log10(1.0 / np.maximum(mse, 1e-10))))
 
 
-def latent_statistics(vae: CausalVideoVAE, clips, *, batch: int = 4) -> dict[str, list[float]]:
-    """Per-channel mean and std of the normalised latents (posterior mean) of ``clips``."""
+def latent_moments(vae: CausalVideoVAE, clips, *, batch: int = 4
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std (float64) of the normalised latents (posterior mean) of
+    ``clips`` (uint8 ``[N, T, H, W, 3]``)."""
     clips = np.asarray(clips)
     clips = clips[:, :_usable_frames(clips.shape[1], vae.config.temporal_stride)]
     encode = nnx.jit(lambda m, x: m.encode(to_unit(x)))
     z = np.concatenate([np.asarray(encode(vae, clips[i:i + batch]))
                         for i in range(0, len(clips), batch)])
     z = z.reshape(-1, z.shape[-1]).astype(np.float64)
-    return {"mean": [round(float(v), 4) for v in z.mean(0)],
-            "std": [round(float(v), 4) for v in z.std(0)]}
+    return z.mean(0), z.std(0)
+
+
+def latent_statistics(vae: CausalVideoVAE, clips, *, batch: int = 4) -> dict[str, list[float]]:
+    """``latent_moments`` rounded for a JSON report."""
+    mean, std = latent_moments(vae, clips, batch=batch)
+    return {"mean": [round(float(v), 4) for v in mean],
+            "std": [round(float(v), 4) for v in std]}
+
+
+def fold_latent_statistics(vae: CausalVideoVAE, mean, std) -> None:
+    """Fold per-channel statistics of the normalised latents into the VAE's 1x1x1 convs, in
+    place: afterwards latents with statistics ``mean``/``std`` come out with mean 0 and std 1,
+    and ``decode(encode(x))`` is unchanged (up to rounding).
+
+    Flow matching adds unit-variance noise, so its noise levels mean what they say only on
+    unit-variance latents. The tiny presets assume mean 0 / std 1, and a VAE trained here
+    does not deliver that (per-channel std 0.7 to 2.0 on AvatarWorld); folding the measured
+    statistics into ``quant_conv`` (the posterior mean, and the log-variance by the same
+    scale) and undoing them in ``post_quant_conv`` fixes the latents without changing the
+    config, so the file still loads under its preset name.
+    """
+    cfg = vae.config
+    z = cfg.z_dim
+    m, s = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    if m.shape != (z,) or s.shape != (z,):
+        raise ValueError(f"latent statistics need {z} values each, got mean {m.shape} and "
+                         f"std {s.shape}")
+    if not (np.isfinite(m).all() and np.isfinite(s).all() and (s > 0).all()):
+        raise ValueError("latent statistics must be finite with a positive std")
+    cm = np.asarray(cfg.latents_mean, np.float64)
+    cs = np.asarray(cfg.latents_std, np.float64)
+    # raw posterior mean mu -> a * mu + c gives normalised latents (z_n - m) / s
+    a = 1.0 / s
+    c = cm - (cm + cs * m) / s
+    kernel = np.asarray(vae.quant_conv.kernel[...], np.float64)     # [1, 1, 1, 2z, 2z]
+    bias = np.asarray(vae.quant_conv.bias[...], np.float64)
+    kernel[..., :z] *= a
+    bias[:z] = a * bias[:z] + c
+    bias[z:] += 2.0 * np.log(a)                                     # the std scales by a too
+    post_k = np.asarray(vae.post_quant_conv.kernel[...], np.float64)  # [1, 1, 1, z, z]
+    post_b = np.asarray(vae.post_quant_conv.bias[...], np.float64)
+    post_b = post_b - (c / a) @ post_k[0, 0, 0]
+    post_k = post_k / a[:, None]
+    for param, value in ((vae.quant_conv.kernel, kernel), (vae.quant_conv.bias, bias),
+                         (vae.post_quant_conv.kernel, post_k),
+                         (vae.post_quant_conv.bias, post_b)):
+        param[...] = jnp.asarray(value, param[...].dtype)
 
 
 # ---- weights ------------------------------------------------------------------------------------
@@ -267,6 +319,26 @@ def load_pretrained_vae(path: str, vae_module: CausalVideoVAE) -> CausalVideoVAE
                          f"expected {FORMAT!r})")
     return load_params(vae_module, tensors, f"pretrained VAE {path} (preset "
                                             f"{meta.get('preset')!r})")
+
+
+def vae_config_of_file(path: str) -> VAEConfig:
+    """The ``VAEConfig`` a ``save_pretrained_vae`` file was written with (its stored config)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained VAE weights {path!r} do not exist")
+    stored = read_weights(path)[1].get("config")
+    if not stored:
+        raise ValueError(f"{path} stores no VAE config (not written by save_pretrained_vae)")
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(stored).items()}
+    try:
+        return VAEConfig(**fields)
+    except TypeError as e:     # a field this version does not know
+        raise ValueError(f"{path}: stored VAE config does not fit VAEConfig: {e}") from None
+
+
+def load_vae_file(path: str) -> CausalVideoVAE:
+    """A VAE built from the file's own config, with its weights: no preset name needed, so
+    benchmarks can compare VAEs of any shape."""
+    return load_pretrained_vae(path, CausalVideoVAE(vae_config_of_file(path), rngs=nnx.Rngs(0)))
 
 
 # ---- the training loop --------------------------------------------------------------------------
@@ -347,6 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights, e.g. to fine-tune on longer windows")
     p.add_argument("--init-logvar", type=float, default=None,
                    help="starting posterior log-variance (default: the random init's, ~0)")
+    p.add_argument("--normalize-latents", action="store_true",
+                   help="after training, fold the latents' per-channel mean and std (measured "
+                        "on --heldout, else on up to 64 training clips) into the weights so "
+                        "the DiT sees mean-0, std-1 latents; with --init and --steps 0 this "
+                        "converts an existing file")
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--max-clips", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -371,8 +448,8 @@ def _check_args(args) -> str | None:
     if args.frames < 1 or (args.frames - 1) % cfg.temporal_stride:
         return f"--frames must be 1 + {cfg.temporal_stride}k, got {args.frames}"
     for name in ("batch", "image_batch", "steps"):
-        if getattr(args, name) < 1:
-            return f"--{name.replace('_', '-')} must be >= 1"
+        if getattr(args, name) < 1 and not (name == "steps" and args.steps == 0 and args.init):
+            return f"--{name.replace('_', '-')} must be >= 1 (0 steps only with --init)"
     if not 0.0 <= args.image_fraction <= 1.0:
         return "--image-fraction must be in [0, 1]"
     if args.lr <= 0 or args.kl_weight < 0 or args.eval_every < 0 or args.mouth_weight < 0:
@@ -421,6 +498,13 @@ def main(argv: list[str] | None = None) -> int:
         "init": os.path.basename(args.init) if args.init else None,
         "device": jax.devices()[0].device_kind,
         "curve": curve}
+    if args.normalize_latents:
+        source = heldout[..., :3] if heldout is not None else clips[:64, ..., :3]
+        mean, std = latent_moments(vae, source)
+        fold_latent_statistics(vae, mean, std)
+        figures["latents_folded"] = {
+            "measured_on": "heldout" if heldout is not None else "train",
+            "mean": [round(float(v), 4) for v in mean], "std": [round(float(v), 4) for v in std]}
     if heldout is not None:
         figures["heldout_clips"] = len(heldout)
         figures["heldout_psnr"] = (curve[-1]["heldout_psnr"] if curve
