@@ -209,9 +209,9 @@ def main(argv=None) -> int:
     vae_files, vaes = [], {}
     for item in args.vae:
         name, eq, path = item.partition("=")
-        if not eq or not name or not Path(path).is_file():
-            print(f"error: --vae must be NAME=FILE of a pre-trained VAE, got {item!r}",
-                  file=sys.stderr)
+        if not eq or not name or name in vaes or not Path(path).is_file():
+            print(f"error: --vae must be NAME=FILE of a pre-trained VAE, each NAME once, "
+                  f"got {item!r}", file=sys.stderr)
             return 2
         try:
             vaes[name] = load_vae_file(path)
