@@ -277,7 +277,8 @@ def test_cli_bad_input_exits_2_and_leaves_nothing(files, tmp_path):
 @pytest.mark.slow
 def test_sr_refiner_renders_at_full_resolution(files, tmp_path):
     cfg = tiny_config(resolution=(64, 64))
-    pipe = Pipeline.load(cfg, None, sr=True, log=lambda m: None)
+    sft_tiny = REPO / "tests" / "data" / "sft_tiny"      # a trained base model of this preset
+    pipe = Pipeline.load(cfg, str(sft_tiny), sr=True, log=lambda m: None)
     prep = prepare(Job(reference=files["ref"], audio=files["speech1"],
                        output=str(tmp_path / "sr.mp4")), cfg, sr=True, log=lambda m: None)
     latents = []

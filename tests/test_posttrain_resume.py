@@ -1,5 +1,6 @@
-"""Stages 4-5 through train(): the chain from the shipped SFT checkpoint, each stage's start
-(teacher = the previous stage exactly, student by surgery), and exact resume after SIGTERM."""
+"""Stages 4-5 through train(): the chain from the tiny SFT checkpoint in tests/data, each
+stage's start (teacher = the previous stage exactly, student by surgery), and exact resume
+after SIGTERM."""
 
 import json
 import os
@@ -15,7 +16,8 @@ import pytest
 from avatarv_jax.training.checkpoints import resolve_step_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "checkpoints", "demo")
+# An SFT checkpoint of the tiny preset (stride-8 VAE), kept for the tests: tests/data/README.md.
+SFT_TINY = os.path.join(ROOT, "tests", "data", "sft_tiny")
 NUM_STEPS = 3
 CHAIN = (("distill_cfg", None), ("distill_dmd", "distill_cfg"), ("grpo", "distill_dmd"),
          ("dpo", "distill_dmd"))
@@ -46,7 +48,7 @@ CHILD = textwrap.dedent("""
 
 def start_of(stage, out):
     previous = dict(CHAIN)[stage]
-    return DEMO if previous is None else f"{out}/{previous}_a"
+    return SFT_TINY if previous is None else f"{out}/{previous}_a"
 
 
 def data(kill_at=None):

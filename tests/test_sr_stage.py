@@ -1,7 +1,7 @@
 """The SR refiner's stages (DESIGN §4): ``sr`` (flow matching on high-res / downscaled pairs,
-started from the shipped SFT checkpoint by surgery) and ``distill_sr`` (DMD to one step), the
-SR batch against inference's condition, the checkpoint -> inference loader round trip, and
-(slow) exact resume after SIGTERM."""
+started by surgery from the tiny SFT checkpoint in tests/data) and ``distill_sr`` (DMD to one
+step), the SR batch against inference's condition, the checkpoint -> inference loader round
+trip, and (slow) exact resume after SIGTERM."""
 
 import os
 import subprocess
@@ -19,7 +19,8 @@ import pytest
 from avatarv_jax.training.checkpoints import resolve_step_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "checkpoints", "demo")
+# An SFT checkpoint of the tiny preset (stride-8 VAE), kept for the tests: tests/data/README.md.
+SFT_TINY = os.path.join(ROOT, "tests", "data", "sft_tiny")
 HIGH = 64          # SR training resolution: sr_scale 2 x the tiny base resolution 32
 SR_STEPS = 6
 DISTILL_STEPS = 6
@@ -55,11 +56,11 @@ def numeric(batch):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """sr from the demo SFT checkpoint (``dsr``: distill_sr from it, made on first use)."""
+    """sr from the tiny SFT checkpoint (``dsr``: distill_sr from it, made on first use)."""
     from avatarv_jax.training.trainer import train
     out = tmp_path_factory.mktemp("sr_runs")
     logs = []
-    sr = train(config_for("sr", DEMO, SR_STEPS), out / "sr", data=data(SR_STEPS),
+    sr = train(config_for("sr", SFT_TINY, SR_STEPS), out / "sr", data=data(SR_STEPS),
                log=logs.append)
     return types.SimpleNamespace(out=out, sr=sr, logs=logs)
 
@@ -75,10 +76,11 @@ def distilled(runs):
 
 @pytest.fixture(scope="module")
 def encoded(runs):
-    """The sr run's models (the demo's frozen VAE and encoders) and, in one jitted call, the SR
-    TrainBatch of ``sr_batch()``, the VAE latents of its frames at 64 px and at 32 px."""
+    """The sr run's models (the SFT checkpoint's frozen VAE and encoders) and, in one jitted
+    call, the SR TrainBatch of ``sr_batch()``, the VAE latents of its frames at 64 px and at
+    32 px."""
     from avatarv_jax.training.sr_batch import encode_sr_batch
-    models = frozen_models(config_for("sr", DEMO, 1), runs.out / "sr")
+    models = frozen_models(config_for("sr", SFT_TINY, 1), runs.out / "sr")
     batch = numeric(sr_batch())
 
     @jax.jit
@@ -149,8 +151,9 @@ def test_sr_batch_shapes_and_condition_equal_inference(encoded):
 
 
 def test_sr_starts_from_sft_by_surgery_and_lowers_the_loss(runs, encoded):
-    """Surgery from the SFT demo adds exactly the zero-initialised condition embedding; six
-    updates on one batch lower the flow loss (mean over 8 fixed noise draws) by > 10 %."""
+    """Surgery from the tiny SFT checkpoint adds exactly the zero-initialised condition
+    embedding; six updates on one batch lower the flow loss (mean over 8 fixed noise draws) by
+    > 10 %."""
     from avatarv_jax.diffusion.guidance import ConditionDropout
     from avatarv_jax.diffusion.objective import flow_matching_loss
     from avatarv_jax.training.step import ModuleTemplate, module_params
@@ -161,10 +164,10 @@ def test_sr_starts_from_sft_by_surgery_and_lowers_the_loss(runs, encoded):
     assert "1 new, 0 dropped" in text, text
     assert runs.sr["step"] == SR_STEPS and runs.sr["stopped"] == "done"
 
-    cfg = config_for("sr", DEMO, 1)
+    cfg = config_for("sr", SFT_TINY, 1)
     models, tb = encoded.models, encoded.tb
-    demo = ocp.StandardCheckpointer().restore(resolve_step_dir(DEMO) / "ema")
-    start, _ = transplant(demo, module_params(models["dit"]))
+    sft = ocp.StandardCheckpointer().restore(resolve_step_dir(SFT_TINY) / "ema")
+    start, _ = transplant(sft, module_params(models["dit"]))
     template = ModuleTemplate(models["dit"])
     no_drop = ConditionDropout(p_text=0.0, p_audio=0.0, p_ref=0.0, p_all=0.0)
 
@@ -207,7 +210,7 @@ def test_inference_loads_the_sr_checkpoint(runs):
     check_loads(runs.out, "sr", runs.sr["state"], 4)
     base_cfg = get_model_config("tiny")
     with pytest.raises(InferenceInputError, match="not an SR refiner"):
-        _load_sr(base_cfg, DEMO, lambda m: None)
+        _load_sr(base_cfg, SFT_TINY, lambda m: None)
     other = get_model_config("tiny")
     other.inference.sr_scale = 4
     with pytest.raises(InferenceInputError, match="trained for sr_scale 2"):
@@ -263,11 +266,11 @@ CHILD = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
     from avatarv_jax.training.trainer import train
-    from tests.test_sr_stage import DEMO, config_for, data
+    from tests.test_sr_stage import SFT_TINY, config_for, data
 
     out, mode = sys.argv[1:3]
     n = 3
-    for stage, start in (("sr", DEMO), ("distill_sr", f"{{out}}/sr_a")):
+    for stage, start in (("sr", SFT_TINY), ("distill_sr", f"{{out}}/sr_a")):
         cfg = lambda: config_for(stage, start, n)
         if mode == "resume":
             r = train(cfg(), f"{{out}}/{{stage}}_b", data=data(n))
