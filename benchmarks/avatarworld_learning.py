@@ -11,10 +11,11 @@ generates through ``avatarv_jax.inference.Pipeline`` (chunked guided sampling, s
 decode: what ``infer.py`` does) and ``data/avatarworld/metrics.score_clip`` scores the frames
 against the driving audio and the person's true attributes and style.
 
-Rows: ``random`` (fresh weights of the SFT config), one per ``--checkpoint``, and two ceilings
-that need no DiT: ``ground_truth`` (the driving clip's real frames: what the probe itself
-reaches) and ``vae_reconstruction`` (those frames through the checkpoint's frozen VAE, encode
-then decode: no DiT on that VAE can do better than its decoder allows). ``--vae NAME=FILE``
+Rows: ``random`` (fresh weights of the last checkpoint's config), one per ``--checkpoint``,
+and two ceilings that need no DiT: ``ground_truth`` (the driving clip's real frames: what the
+probe itself reaches) and ``vae_reconstruction`` (those frames through the last checkpoint's
+frozen VAE, encode then decode: no DiT on that VAE can do better than its decoder allows; the
+report names that checkpoint under ``config_of``). ``--vae NAME=FILE``
 adds the same ceiling for a pre-trained VAE file of any shape (``vae_pretrain --out``), so a
 VAE can be judged before a chain is trained on it; given without ``--checkpoint``, only the
 ceilings are measured. Writes ``benchmarks/results/avatarworld_learning.json``.
@@ -288,6 +289,7 @@ def main(argv=None) -> int:
                    "driving_scene": int(d.scene_id), "frames": int(d.frames.shape[0])}
                   for r, d in pairs],
         "checkpoints": dict(named),
+        "config_of": named[-1][0] if named else None,   # the random row's and the VAE row's
         "vaes": dict(vae_files),
         "compute": args.compute,
         "guidance": list(guidance) if guidance else "config",
