@@ -100,6 +100,22 @@ def test_batches_follow_the_contract_and_the_clips(world, stage):
         np.testing.assert_array_equal(batch["ref_motion"][b], ref.motion[rs:rs + REF_FRAMES])
 
 
+def test_audio_context_frames_widen_the_gen_audio_only(world):
+    """``audio_context_frames`` puts that many frames of the clip's audio (zeros past its ends)
+    either side of the window's own; the SFT reference keeps its own frames' audio, as
+    inference encodes it."""
+    shards, clips = world
+    m = 3
+    batch = take(make_pipeline(config(shards, audio_context_frames=m), "sft", seed=0), 1)[0]
+    assert batch["audio"].shape == (BATCH, (FRAMES + 2 * m) * 640)
+    assert batch["ref_audio"].shape == (BATCH, REF_FRAMES * 640)
+    for b in range(BATCH):
+        ci, s = locate(clips, batch["video"][b])
+        padded = np.pad(clips[ci].audio, (m * 640, m * 640))
+        np.testing.assert_array_equal(batch["audio"][b],
+                                      padded[s * 640:(s + FRAMES + 2 * m) * 640])
+
+
 def test_sft_pairs_cover_every_graph_edge(world):
     """One epoch of SFT visits each (target, reference) pair of the identity graph once."""
     shards, clips = world
@@ -216,6 +232,7 @@ def test_iterator_state_restores_exactly_in_a_new_process(world, tmp_path, worke
     (dict(crop_scale=(0.9, 0.5)), "crop_scale"),
     (dict(frames=17), "no clip"),
     (dict(resolution=30), "multiple of 8"),
+    (dict(audio_context_frames=-1), "audio_context_frames"),
 ])
 def test_bad_settings_are_named(world, overrides, message):
     shards, _ = world

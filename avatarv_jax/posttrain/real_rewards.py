@@ -43,6 +43,7 @@ from flax import nnx
 from avatarv_jax.eval import frontends as fe
 from avatarv_jax.eval import lse
 from avatarv_jax.parallel.host_callback import per_shard_callback
+from avatarv_jax.training.batch import clip_wave
 
 REAL_REWARDS = ("lse_c", "face_similarity")
 NEEDS = {"lse_c": ("audio", "mask_mouth", "mask_face"), "face_similarity": ()}
@@ -138,7 +139,7 @@ class LseCReward:
         self.max_offset = int(max_offset)
 
     def __call__(self, frames: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
-        """``frames`` [B, T, H, W, 3] in [-1, 1]; ``batch`` holds ``audio`` [B, >= T * 640]
+        """``frames`` [B, T, H, W, 3] in [-1, 1]; ``batch`` holds ``audio`` [B, (T + 2m) * 640]
         and the masks ``mask_mouth`` / ``mask_face`` [B, T', H, W] at the frames' size."""
         check_batch_fields({"lse_c": 1.0}, batch)
         b, t, h, w, _ = frames.shape
@@ -151,15 +152,14 @@ class LseCReward:
         if audio.ndim != 2:
             raise ValueError("the lse_c reward needs waveform audio [B, N] in the batch, got "
                              f"shape {audio.shape} (precomputed features)")
-        if audio.shape[1] < t * 640:
-            raise ValueError(f"audio has {audio.shape[1]} samples; {t} frames need {t * 640}")
+        audio = clip_wave(audio, t)       # the clip's own samples (drop the encoder's context)
         if batch["mask_mouth"].shape[2:] != (h, w):
             raise ValueError(f"masks are {batch['mask_mouth'].shape[2:]}, the frames {(h, w)}")
         boxes = mouth_boxes(batch["mask_mouth"], batch["mask_face"])
         crops = crop_mouths(frames, boxes, self.crop_size)                 # [B, T, S, S]
         idx = np.arange(windows)[:, None] + np.arange(fe.WINDOW_FRAMES)[None, :]
         vw = jnp.moveaxis(crops[:, idx], 2, -1)                            # [B, N, S, S, 5]
-        m = mfcc(audio[:, :t * 640])
+        m = mfcc(audio)
         need = t * fe.MFCC_PER_FRAME
         if m.shape[1] < need:
             m = jnp.concatenate([m, jnp.repeat(m[:, -1:], need - m.shape[1], 1)], axis=1)

@@ -6,6 +6,10 @@ train step (no gradient flows into them); latent-mode batches (``latents``/``ref
 skip the VAE; ``text_embeddings`` [B, L, text_dim] and audio given as features
 [B, T, audio_dim] (instead of waveforms) skip the text and audio encoders.
 
+``audio`` may carry ``data.audio_context_frames`` frames of context either side of the clip
+((T + 2m) x 640 samples): the audio encoder runs on the whole window, as inference runs it on a
+chunk with its context, and only the T frames' features are kept (``clip_features``).
+
 Which conditions a stage uses:
   t2v: video + text.   a2v: + audio, one reference frame.
   sft: + motion, face/mouth/eye masks, a multi-frame reference with its own audio and motion.
@@ -23,6 +27,7 @@ from avatarv_jax.diffusion.objective import TrainBatch
 from avatarv_jax.models.motion import pack_motion
 
 STAGES = ("t2v", "a2v", "sft")
+SAMPLES_PER_FRAME = 640   # 16 kHz audio at 25 fps
 
 # Keys every stage's batch must carry (video or latents is checked separately).
 REQUIRED_KEYS = {
@@ -47,9 +52,25 @@ def check_batch(batch: Mapping, stage: str) -> None:
         t = batch["video"].shape[1]
         if (t - 1) % 4:
             raise ValueError(f"video has {t} frames; the causal VAE needs 1 + 4k")
-        if "audio" in batch and batch["audio"].ndim == 2 and batch["audio"].shape[1] != t * 640:
-            raise ValueError(f"audio has {batch['audio'].shape[1]} samples; {t} frames at "
-                             f"25 fps need {t * 640}")
+        if "audio" in batch and batch["audio"].ndim == 2:
+            audio_context(batch["audio"].shape[1], t)
+
+
+def audio_context(num_samples: int, frames: int) -> int:
+    """Frames of context either side of ``frames`` video frames in ``num_samples`` of audio
+    ((frames + 2m) x 640 samples); a clear error for any other length."""
+    extra = num_samples - frames * SAMPLES_PER_FRAME
+    if extra < 0 or extra % (2 * SAMPLES_PER_FRAME):
+        raise ValueError(f"audio has {num_samples} samples; {frames} frames at 25 fps need "
+                         f"{frames * SAMPLES_PER_FRAME} plus the same whole number of frames of "
+                         f"context (640 samples each) on either side")
+    return extra // (2 * SAMPLES_PER_FRAME)
+
+
+def clip_wave(wave, frames: int):
+    """``[B, (frames + 2m) * 640]`` -> the clip's own ``[B, frames * 640]`` samples."""
+    m = audio_context(wave.shape[1], frames) * SAMPLES_PER_FRAME
+    return wave[:, m:m + frames * SAMPLES_PER_FRAME]
 
 
 def _pixels(video: jax.Array) -> jax.Array:
@@ -63,10 +84,18 @@ def _latents(vae, batch: Mapping, video_key: str, latent_key: str):
     return jax.lax.stop_gradient(vae.encode(_pixels(batch[video_key])))
 
 
-def _audio(audio_encoder, wave):
-    if wave.ndim == 3:                  # precomputed features [B, T, audio_dim]
+def clip_features(audio_encoder, wave, frames: int):
+    """The audio features of the clip's ``frames`` video frames, the encoder run over the whole
+    window (context included); precomputed features [B, T, audio_dim] pass through."""
+    if wave.ndim == 3:
         return wave.astype(jnp.float32)
-    return jax.lax.stop_gradient(audio_encoder(wave.astype(jnp.float32)))
+    m = audio_context(wave.shape[1], frames)
+    feats = jax.lax.stop_gradient(audio_encoder(wave.astype(jnp.float32)))
+    return feats[:, m:m + frames]
+
+
+def _video_frames(latents) -> int:
+    return 1 + 4 * (latents.shape[1] - 1)    # the causal VAE: 1 + 4 (F - 1) video frames
 
 
 def encode_batch(frozen: Mapping[str, nnx.Module], batch: Mapping, stage: str) -> TrainBatch:
@@ -80,12 +109,14 @@ def encode_batch(frozen: Mapping[str, nnx.Module], batch: Mapping, stage: str) -
     latents = _latents(frozen.get("vae"), batch, "video", "latents")
     out = dict(latents=latents, text=text.astype(jnp.float32))
     if stage in ("a2v", "sft"):
-        out["audio"] = _audio(frozen.get("audio_encoder"), batch["audio"])
+        out["audio"] = clip_features(frozen.get("audio_encoder"), batch["audio"],
+                                     _video_frames(latents))
         out["ref_latents"] = _latents(frozen.get("vae"), batch, "ref_video", "ref_latents")
     if stage == "sft":
         out["motion"] = pack_motion(batch["motion"].astype(jnp.float32))
         out["ref_motion"] = pack_motion(batch["ref_motion"].astype(jnp.float32))
-        out["ref_audio"] = _audio(frozen.get("audio_encoder"), batch["ref_audio"])
+        out["ref_audio"] = clip_features(frozen.get("audio_encoder"), batch["ref_audio"],
+                                         _video_frames(out["ref_latents"]))
         for name in ("face", "mouth", "eye"):
             key = f"mask_{name}s" if name == "eye" else f"mask_{name}"
             if key in batch:

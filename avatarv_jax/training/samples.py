@@ -18,7 +18,7 @@ from avatarv_jax.diffusion.flow import resolution_shift
 from avatarv_jax.diffusion.samplers import sigma_schedule
 from avatarv_jax.inference.guided import encode_guidance_caches, sample_chunk
 from avatarv_jax.models.dit import RefInputs
-from avatarv_jax.training.batch import encode_batch
+from avatarv_jax.training.batch import clip_wave, encode_batch
 
 
 def sample_video(cfg, builder, params, frozen_params, batch, *, seed: int = 0):
@@ -57,7 +57,9 @@ def write_sample(cfg, builder, state, frozen_params, batch, out_dir: Path, *, st
     params = state.ema if state.ema is not None else state.params
     video = np.asarray(jax.device_get(sample_video(cfg, builder, params, frozen_params, batch)))
     frames = np.clip((video[0] + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
-    audio = np.asarray(batch["audio"])[0] if "audio" in batch else None
+    audio = None
+    if "audio" in batch and np.ndim(batch["audio"]) == 2:     # the clip's own samples
+        audio = np.asarray(clip_wave(np.asarray(batch["audio"])[:1], frames.shape[0]))[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"step_{step:08d}.mp4"
     write_mp4(str(path), frames, audio)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from avatarv_jax.diffusion.objective import TrainBatch
-from avatarv_jax.training.batch import _audio, _pixels
+from avatarv_jax.training.batch import _pixels, _video_frames, clip_features
 
 
 def upsample_base_latents(base: jax.Array, grid: tuple[int, int]) -> jax.Array:
@@ -68,9 +68,11 @@ def encode_sr_batch(frozen: Mapping[str, nnx.Module], batch: Mapping, sr_scale: 
     ref_latents = jax.lax.stop_gradient(vae.encode(_pixels(batch["ref_video"])))
     out = dict(latents=latents, text=text.astype(jnp.float32),
                cond_latents=upsample_base_latents(base, latents.shape[2:4]),
-               audio=_audio(frozen.get("audio_encoder"), batch["audio"]),
+               audio=clip_features(frozen.get("audio_encoder"), batch["audio"],
+                                   _video_frames(latents)),
                ref_latents=ref_latents,
-               ref_audio=_audio(frozen.get("audio_encoder"), batch["ref_audio"]))
+               ref_audio=clip_features(frozen.get("audio_encoder"), batch["ref_audio"],
+                                       _video_frames(ref_latents)))
     for name in ("face", "mouth", "eye"):
         key = f"mask_{name}s" if name == "eye" else f"mask_{name}"
         if key in batch:

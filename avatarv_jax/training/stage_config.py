@@ -119,6 +119,9 @@ def stage_config(stage: str, model: str) -> ml_collections.ConfigDict:
     _set(cfg.data, batch_size=scale["batch_size"], frames=scale["num_frames"],
          ref_frames=scale["ref_frames"], resolution=scale["resolution"],
          text_length=scale["text_max_length"])
+    # Train the audio path as inference runs it: the frozen encoder sees each clip's audio with
+    # the context inference gives a chunk (data/pipelines/config.py, training/batch.py).
+    _set(cfg.data, audio_context_frames=int(cfg.inference.audio_context_frames))
     if stage in SR_STAGES:
         _sr_sections(cfg, stage, scale)
     if stage == "sft":

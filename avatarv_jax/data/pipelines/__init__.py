@@ -174,7 +174,8 @@ def make_pipeline(data_cfg: ml_collections.ConfigDict, stage: str, *, seed: int,
         stage=stage, reader=RecordReader(shards.paths), frames=int(cfg.frames),
         ref_frames=int(cfg.ref_frames), resolution=int(cfg.resolution),
         crop_scale=tuple(float(v) for v in cfg.crop_scale), text_length=int(cfg.text_length),
-        tokenizer_path=str(cfg.tokenizer), windows=windows)
+        tokenizer_path=str(cfg.tokenizer), windows=windows,
+        audio_context=int(cfg.audio_context_frames))
     if cfg.worker_count:
         _mark_flags_parsed()
     return grain.DataLoader(

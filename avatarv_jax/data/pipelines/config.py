@@ -17,6 +17,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     batch_size        global batch; each of ``process_count`` hosts yields batch_size / count
     frames            target video frames T (1 + 4k); a random window of each clip
     ref_frames        SFT reference frames Tr (1 + 4r), a window of another clip of the person
+    audio_context_frames  frames of audio either side of the clip in ``audio`` (zeros past the
+                      clip's ends): ``audio`` holds (T + 2 x this) x 640 samples, and the
+                      step keeps the encoder's features of the T frames themselves. Set it to
+                      ``inference.audio_context_frames`` (the stage configs do) so the frozen
+                      audio encoder sees the window inference gives it
     resolution        output side in pixels (0: the shards' resolution); pixel mode only
     crop_scale        (min, max) side of the random square crop, as a fraction of the frame's
                       shorter side, before resizing to ``resolution``; (1, 1) = no crop
@@ -37,6 +42,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.batch_size = 8
     cfg.frames = 17
     cfg.ref_frames = 5
+    cfg.audio_context_frames = 0
     cfg.resolution = 0
     cfg.crop_scale = (1.0, 1.0)
     cfg.text_length = 64
@@ -90,3 +96,6 @@ def check(cfg: ml_collections.ConfigDict, stage: str, process_count: int) -> Non
         raise ValueError(f"data.text_length must be >= 1, got {cfg.text_length}")
     if cfg.worker_count < 0 or cfg.num_epochs < 0:
         raise ValueError("data.worker_count and data.num_epochs must be >= 0")
+    if cfg.audio_context_frames < 0:
+        raise ValueError(f"data.audio_context_frames must be >= 0, got "
+                         f"{cfg.audio_context_frames}")

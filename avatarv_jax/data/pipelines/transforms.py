@@ -88,6 +88,7 @@ class StageExample(grain.transforms.RandomMap):
     tokenizer_path: str
     windows: ClipWindows | None = None      # latent mode: the window records of each clip
     latent_ratio: int = 4                   # video frames per latent frame (after the first)
+    audio_context: int = 0                  # video frames of audio either side of the GEN clip
 
     def __post_init__(self):
         self._tokenizer = None
@@ -141,7 +142,7 @@ class StageExample(grain.transforms.RandomMap):
                "identity_id": np.int32(clip["identity_id"])}
         if self.stage == "t2v":
             return out
-        out["audio"] = _audio(clip["audio"], s, t)
+        out["audio"] = _audio(clip["audio"], s, t, self.audio_context)
         if self.stage == "a2v":
             r = int(rng.integers(clip["frames"].shape[0]))
             out["ref_video"] = self._video(clip["frames"][r:r + 1], box)
@@ -176,7 +177,8 @@ class StageExample(grain.transforms.RandomMap):
                "identity_id": np.int32(rec["identity_id"])}
         if self.stage == "t2v":
             return out
-        out["audio"] = _audio(rec["audio"], 0, t)
+        # A latent-mode record holds its window's audio only: the context is zeros.
+        out["audio"] = _audio(rec["audio"], 0, t, self.audio_context)
         if self.stage == "a2v":
             # A causal VAE's first latent frame encodes the window's first video frame alone:
             # exactly the latent of that single frame.
@@ -195,10 +197,14 @@ class StageExample(grain.transforms.RandomMap):
         return out
 
 
-def _audio(audio: np.ndarray, start: int, frames: int) -> np.ndarray:
-    """The audio samples under video frames ``start .. start + frames`` (zero-padded)."""
-    a = np.asarray(audio, np.float32)[start * SAMPLES_PER_FRAME:(start + frames) * SAMPLES_PER_FRAME]
-    need = frames * SAMPLES_PER_FRAME
-    if a.shape[0] < need:
-        a = np.pad(a, (0, need - a.shape[0]))
-    return a
+def _audio(audio: np.ndarray, start: int, frames: int, context: int = 0) -> np.ndarray:
+    """The audio samples under video frames ``start - context .. start + frames + context``,
+    zero outside the clip: ``context`` frames either side, as inference encodes a chunk's audio
+    (``inference.audio_context_frames``), so the frozen audio encoder sees the same window."""
+    lo, hi = (start - context) * SAMPLES_PER_FRAME, (start + frames + context) * SAMPLES_PER_FRAME
+    a = np.asarray(audio, np.float32)
+    out = np.zeros(hi - lo, np.float32)
+    i, j = max(lo, 0), min(hi, a.shape[0])
+    if j > i:
+        out[i - lo:j - lo] = a[i:j]
+    return out
