@@ -1,11 +1,14 @@
 """``training/export.py``: the inference-only copy of a trainer checkpoint (how the demo is made).
 
-A one-step t2v run (with optimizer and data state) is exported; the copy holds only the
-inference items, restores into fresh models exactly as the work directory does, carries the
+A trainer work directory (the tiny SFT checkpoint of tests/data, given the optimizer and
+data-iterator items a training run leaves beside the weights) is exported; the copy holds only
+the inference items, restores into fresh models exactly as the work directory does, carries the
 ``--set`` overrides into its config, and bad requests fail without leaving a directory.
 """
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,17 +18,21 @@ from avatarv_jax.inference import weights
 from avatarv_jax.inference.pipeline import resolve_config
 from avatarv_jax.training import export
 
+SFT_TINY = Path(__file__).resolve().parent / "data" / "sft_tiny"
+STEP = "1000"
+
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from avatarv_jax.testing import quick_stage_config
-    from avatarv_jax.training.synthetic import synthetic_dataset
-    from avatarv_jax.training.trainer import train
-
     out = tmp_path_factory.mktemp("export") / "run"
-    data = synthetic_dataset("t2v", num_batches=1, batch_size=2, num_frames=5, ref_frames=1,
-                             resolution=32, text_len=8, latent_shape=(4, 4, 16))
-    train(quick_stage_config("t2v", 1), out, data=data)
+    shutil.copytree(SFT_TINY, out)
+    step = out / "checkpoints" / STEP
+    for item in ("opt_state", "data"):            # what a training run saves besides
+        (step / item).mkdir()
+        (step / item / "state").write_text("training-only")
+    meta = json.loads((step / export.STEP_METADATA).read_text())
+    meta["item_handlers"].update(opt_state="StandardCheckpointHandler", data="JsonHandler")
+    (step / export.STEP_METADATA).write_text(json.dumps(meta))
     return out
 
 
@@ -40,11 +47,11 @@ def _loaded(checkpoint):
 
 
 def test_export_keeps_inference_items_and_restores_the_same(workdir, tmp_path):
-    step = workdir / "checkpoints" / "1"
+    step = workdir / "checkpoints" / STEP
     assert {"opt_state", "data"} <= {p.name for p in step.iterdir()}      # what is dropped
     out = export.export_inference(workdir, tmp_path / "demo",
                                   overrides=["sampling.text_scale=1", "sampling.method=heun"])
-    copied = out / "checkpoints" / "1"
+    copied = out / "checkpoints" / STEP
     assert {p.name for p in copied.iterdir() if p.is_dir()} == {"params", "ema", "frozen",
                                                                  "train"}
     handlers = json.loads((copied / "_CHECKPOINT_METADATA").read_text())["item_handlers"]
@@ -52,7 +59,7 @@ def test_export_keeps_inference_items_and_restores_the_same(workdir, tmp_path):
 
     cfg_a, info_a, a = _loaded(str(workdir))
     cfg_b, info_b, b = _loaded(str(out))
-    assert info_b.kind == "trainer" and info_b.step == info_a.step == 1
+    assert info_b.kind == "trainer" and info_b.step == info_a.step == int(STEP)
     for name in a:
         assert a[name].keys() == b[name].keys()
         for k in a[name]:
