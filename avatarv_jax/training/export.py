@@ -85,9 +85,8 @@ def export_inference(workdir, out, *, step: int | None = None,
         kept = [i for i in INFERENCE_ITEMS if (source / i).is_dir()]
         for item in kept:
             shutil.copytree(source / item, target / item)
-        for name in ("commit_success.txt",):
-            if (source / name).is_file():
-                shutil.copy2(source / name, target / name)
+        if (source / "commit_success.txt").is_file():
+            shutil.copy2(source / "commit_success.txt", target / "commit_success.txt")
         if (source / STEP_METADATA).is_file():
             meta = json.loads((source / STEP_METADATA).read_text())
             handlers = meta.get("item_handlers") or {}
